@@ -1,0 +1,139 @@
+"""Plan a sweep launch against the tracker, then hand the runnable points to a backend.
+
+    grid points -> composed + validated configs -> signatures -> skip / resume / new -> backend
+
+Every point is composed and validated before anything is created or submitted, so a bad value stops
+the launch with a message naming the key, with no half-launched sweep left behind.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from core import tracking
+from core.config import SEARCHPATH, ConfigError, signature, validate
+from sweeps.grid import Point, expand
+
+
+@dataclass
+class Planned:
+    point: Point
+    cfg: DictConfig
+    signature: str
+    action: str = "new"          # new | resume | skip
+    run_id: str | None = None
+    status: str | None = None    # status of the existing run, if any
+
+    @property
+    def workdir_name(self) -> str:
+        return f"{self.signature}-{self.run_id[:8]}"
+
+
+def override_key(o: str) -> str:
+    return o.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(*lists: list[str]) -> list[str]:
+    """Later lists win per key (the point's swept values beat the user's command line)."""
+    merged: dict[str, str] = {}
+    for lst in lists:
+        for o in lst:
+            merged.pop(override_key(o), None)
+            merged[override_key(o)] = o
+    return list(merged.values())
+
+
+def user_overrides(task_overrides: list[str]) -> list[str]:
+    """The command line minus what only selects or shapes the sweep itself."""
+    return [o for o in task_overrides if not override_key(o).split(".")[0] == "sweep"]
+
+
+def compose_point(base: list[str], point: Point) -> DictConfig:
+    from hydra import compose
+    cfg = compose(config_name="config", overrides=[SEARCHPATH] + merge_overrides(base, point.overrides))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def sweep_points(cfg: DictConfig) -> tuple[str, list[Point]]:
+    if cfg.get("sweep") is None:  # a single run of the composed config
+        return "single", [Point("default", cfg.seed, [f"seed={cfg.seed}"])]
+    return cfg.sweep.name, expand(cfg.sweep)
+
+
+def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]]:
+    name, points = sweep_points(cfg)
+    base = user_overrides(task_overrides)
+    planned = []
+    for p in points:
+        try:
+            pc = compose_point(base, p)
+            validate(pc)
+        except ConfigError as e:
+            raise ConfigError(e.key, e.value, str(e).split(": ", 1)[1].rstrip("."),
+                              f"(sweep {name}, point '{p.label}', seed {p.seed})") from None
+        planned.append(Planned(p, pc, signature(pc)))
+    return name, planned
+
+
+def check_tracking(uri: str):
+    c = tracking.client(uri)
+    try:
+        c.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
+        raise ConfigError("tracking.uri", uri, f"the MLflow store cannot be reached ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})", "Start the server or fix the URI; nothing was run.") from None
+    return c
+
+
+def decide(planned: list[Planned], existing: dict) -> None:
+    """FINISHED -> skip; any other existing run of the signature -> resume into it; none -> new."""
+    for pl in planned:
+        run = existing.get(pl.signature)
+        if run is None:
+            continue
+        pl.run_id, pl.status = run.info.run_id, run.info.status
+        pl.action = "skip" if run.info.status == tracking.FINISHED else "resume"
+
+
+def print_plan(name: str, planned: list[Planned], uri: str, file=sys.stdout) -> None:
+    print(f"sweep {name}: {len(planned)} point(s), tracking {uri}", file=file)
+    for pl in planned:
+        extra = f" ({pl.status.lower()} run {pl.run_id[:8]})" if pl.run_id else ""
+        print(f"  {pl.action:6s} {pl.point.label:24s} seed={pl.point.seed} sig={pl.signature}{extra}", file=file)
+
+
+def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
+    """Entry of `sweeps/run.py`. Returns the process exit code."""
+    name, planned = plan(cfg, task_overrides)
+    uri = tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
+    c = check_tracking(uri)
+    exp_name = cfg.tracking.experiment or (name if name != "single" else "mimsweep")
+    exp_id = tracking.experiment_id(c, exp_name, uri)
+    decide(planned, tracking.runs_by_signature(c, exp_id, name))
+    print_plan(name, planned, uri)
+    todo = [pl for pl in planned if pl.action != "skip"]
+    if cfg.dry_run or not todo:
+        print("dry run: nothing was started." if cfg.dry_run else "every point has a finished run: nothing to do.")
+        return 0
+    parent = tracking.start_launch(c, exp_id, name, user_overrides(task_overrides), len(todo))
+    for pl in todo:
+        if pl.action == "new":
+            pl.run_id = tracking.create_point_run(c, exp_id, parent, name, pl.point.label, pl.point.overrides,
+                                                  pl.signature, pl.cfg)
+    root = Path(cfg.output_root).resolve() / "runs" / exp_name
+    backend = cfg.cluster.backend
+    if backend == "local":
+        from cluster.local import run_all
+        failed = run_all(todo, uri, root)
+    else:
+        raise ConfigError("cluster.backend", backend, "must be local (slurm arrives with cluster=slurm)")
+    c.log_batch(parent, metrics=[], params=[], tags=[])
+    c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed,
+                                                           "skipped": len(planned) - len(todo)}))
+    c.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    return 1 if failed else 0

@@ -1,0 +1,1 @@
+"""mimsweep core: the methods, their targets and teachers, data, training, evaluation and tracking."""

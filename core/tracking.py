@@ -1,0 +1,134 @@
+"""MLflow layout of a sweep, and the buffered metric logger of a job.
+
+- one experiment per sweep (named after it), a *parent* run per launch, a *child* run per grid point;
+- child params: the flattened resolved config, with the config's own key names (`method.mask_ratio`);
+- child tags: sweep, row label, the point's overrides, its signature, git commit/dirty, host, launch;
+- child metrics: `train_loss`/`lr`/`throughput_img_s` per logged step (sent in batches at every
+  checkpoint, never one blocking call per step), `knn_top1`, `linear_top1`, their `floor_` twins at
+  random init, `pretrain_wall_s`, `wall_s`;
+- artifact: `config.yaml`, the resolved config.
+A point's signature finds its runs again: FINISHED ones are skipped by the next launch, others resumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from core.config import REPO, flatten
+
+TAG = "mimsweep."
+FINISHED = "FINISHED"
+
+
+def resolve_uri(uri: str | None, output_root: str | Path) -> str:
+    """Explicit uri > $MLFLOW_TRACKING_URI > sqlite file under output_root (absolute, so that jobs started
+    from another folder or node write to the same store)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path(output_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_state() -> tuple[str, bool]:
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return commit or "unknown", dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def experiment_id(c, name: str, uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the caller's CWD
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def runs_by_signature(c, exp_id: str, sweep: str | None = None) -> dict:
+    """{signature: latest run} of an experiment (one paged search, not one call per point)."""
+    flt = f"tags.`{TAG}sweep` = '{sweep}'" if sweep else ""
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp_id], filter_string=flt, max_results=1000, page_token=token,
+                             order_by=["attributes.start_time ASC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    out = {}
+    for r in runs:
+        sig = r.data.tags.get(TAG + "signature")
+        if sig and r.data.tags.get(TAG + "kind") == "point":
+            out[sig] = r  # later runs overwrite earlier ones
+    return out
+
+
+def start_launch(c, exp_id: str, sweep: str, overrides: list[str], n_points: int) -> str:
+    commit, dirty = git_state()
+    run = c.create_run(exp_id, run_name=f"{sweep} launch {time.strftime('%Y-%m-%d %H:%M:%S')}", tags={
+        TAG + "kind": "launch", TAG + "sweep": sweep, TAG + "overrides": json.dumps(overrides),
+        TAG + "points": str(n_points), TAG + "git_commit": commit, TAG + "git_dirty": str(dirty),
+        TAG + "host": socket.gethostname(), "mlflow.source.git.commit": commit})
+    return run.info.run_id
+
+
+def create_point_run(c, exp_id: str, parent_id: str | None, sweep: str, label: str, overrides: list[str],
+                     sig: str, cfg) -> str:
+    """A SCHEDULED child run holding the point's params, tags and resolved config."""
+    from mlflow.entities import Param, RunTag
+    from omegaconf import OmegaConf
+
+    commit, dirty = git_state()
+    tags = {TAG + "kind": "point", TAG + "sweep": sweep, TAG + "label": label, TAG + "signature": sig,
+            TAG + "overrides": json.dumps(overrides), TAG + "git_commit": commit, TAG + "git_dirty": str(dirty),
+            TAG + "host": socket.gethostname(), "mlflow.source.git.commit": commit}
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    run = c.create_run(exp_id, run_name=f"{label} seed={cfg.seed}", tags=tags)
+    rid = run.info.run_id
+    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(cfg).items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(rid, params=params[i:i + 100])
+    c.log_text(rid, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    c.update_run(rid, status="SCHEDULED")
+    return rid
+
+
+class MetricLog:
+    """Buffered metrics of one run: `log(key, value, step)` appends, `flush()` sends one batch."""
+
+    def __init__(self, c, run_id: str, enabled: bool = True):
+        self.c, self.run_id, self.enabled, self.buffer = c, run_id, enabled, []
+
+    def __call__(self, key: str, value: float, step: int = 0) -> None:
+        from mlflow.entities import Metric
+        if self.enabled:
+            self.buffer.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
+
+    def flush(self) -> None:
+        while self.enabled and self.buffer:
+            self.c.log_batch(self.run_id, metrics=self.buffer[:1000])
+            del self.buffer[:1000]
+
+    def tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.c.set_tag(self.run_id, key if key.startswith("mlflow.") else TAG + key, value)

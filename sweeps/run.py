@@ -1,0 +1,32 @@
+"""mimsweep entry point: `python sweeps/run.py sweep=NAME [preset=...] [cluster=...] [key=value ...]`.
+
+Expands the sweep's grid, validates every point, skips points already finished in MLflow, and runs
+the rest locally or on a cluster. `--help` lists the sweeps and every config group.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from core.config import SEARCHPATH, ConfigError  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    from cluster.launch import launch
+
+    try:
+        return launch(cfg, list(HydraConfig.get().overrides.task))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.argv.insert(1, SEARCHPATH)
+    sys.exit(main())
