@@ -24,9 +24,10 @@ class Planned:
     point: Point
     cfg: DictConfig
     signature: str
-    action: str = "new"          # new | resume | skip
+    action: str = "new"          # new | resume | skip | queued
     run_id: str | None = None
     status: str | None = None    # status of the existing run, if any
+    slurm_jobs: tuple = ()       # SLURM array tasks recorded on the existing run
 
     @property
     def workdir_name(self) -> str:
@@ -98,6 +99,18 @@ def decide(planned: list[Planned], existing: dict) -> None:
             continue
         pl.run_id, pl.status = run.info.run_id, run.info.status
         pl.action = "skip" if run.info.status == tracking.FINISHED else "resume"
+        pl.slurm_jobs = tuple(v for k, v in run.data.tags.items() if k.startswith(tracking.TAG + "slurm_job_"))
+
+
+def skip_queued(planned: list[Planned]) -> None:
+    """Points whose SLURM task is still pending or running are left alone (one squeue/sacct call)."""
+    from cluster.slurm import ACTIVE, queue_states
+    jobs = [j for pl in planned if pl.action == "resume" for j in pl.slurm_jobs]
+    states = queue_states(jobs)
+    for pl in planned:
+        live = [states[j] for j in pl.slurm_jobs if states.get(j) in ACTIVE]
+        if pl.action == "resume" and live:
+            pl.action, pl.status = "queued", live[0]
 
 
 def print_plan(name: str, planned: list[Planned], uri: str, file=sys.stdout) -> None:
@@ -115,25 +128,58 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     exp_name = cfg.tracking.experiment or (name if name != "single" else "mimsweep")
     exp_id = tracking.experiment_id(c, exp_name, uri)
     decide(planned, tracking.runs_by_signature(c, exp_id, name))
+    backend = cfg.cluster.backend
+    if backend == "slurm" and not cfg.dry_run:
+        from cluster.slurm import preflight
+        preflight(cfg.cluster)
+        skip_queued(planned)
     print_plan(name, planned, uri)
-    todo = [pl for pl in planned if pl.action != "skip"]
-    if cfg.dry_run or not todo:
-        print("dry run: nothing was started." if cfg.dry_run else "every point has a finished run: nothing to do.")
+    todo = [pl for pl in planned if pl.action in ("new", "resume")]
+    root = Path(cfg.output_root).resolve() / "runs" / exp_name
+    if cfg.dry_run:
+        if backend == "slurm" and todo:
+            from cluster.slurm import submit
+            for pl in todo:
+                pl.run_id = pl.run_id or "0" * 32
+            arrays = submit(todo, cfg.cluster, uri, root, name, dry_run=True)
+            for a in arrays:
+                print(f"--- sbatch script ({a['phase']}, {a['tasks']} task(s)) ---\n{a['script']}")
+            print(f"dry run: {len(arrays)} sbatch call(s) for {len(todo)} point(s); nothing was submitted.")
+        else:
+            print("dry run: nothing was started.")
+        return 0
+    if not todo:
+        print("nothing to do: every point has a finished, queued or running run.")
         return 0
     parent = tracking.start_launch(c, exp_id, name, user_overrides(task_overrides), len(todo))
     for pl in todo:
         if pl.action == "new":
             pl.run_id = tracking.create_point_run(c, exp_id, parent, name, pl.point.label, pl.point.overrides,
                                                   pl.signature, pl.cfg)
-    root = Path(cfg.output_root).resolve() / "runs" / exp_name
-    backend = cfg.cluster.backend
-    if backend == "local":
-        from cluster.local import run_all
-        failed = run_all(todo, uri, root)
-    else:
-        raise ConfigError("cluster.backend", backend, "must be local (slurm arrives with cluster=slurm)")
-    c.log_batch(parent, metrics=[], params=[], tags=[])
+    if backend == "slurm":
+        return _submit_slurm(c, parent, todo, cfg, uri, root, name)
+    if backend != "local":
+        raise ConfigError("cluster.backend", backend, "must be local or slurm")
+    from cluster.local import run_all
+    failed = run_all(todo, uri, root)
     c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed,
                                                            "skipped": len(planned) - len(todo)}))
     c.set_terminated(parent, "FAILED" if failed else "FINISHED")
     return 1 if failed else 0
+
+
+def _submit_slurm(c, parent: str, todo: list[Planned], cfg, uri: str, root: Path, name: str) -> int:
+    from cluster.slurm import submit
+    arrays = submit(todo, cfg.cluster, uri, root, name)
+    chunk = arrays[0]["tasks"] if arrays else 0
+    phases = 2 if cfg.cluster.separate_eval else 1
+    for ai, a in enumerate(arrays):
+        part = todo[(ai // phases) * chunk:(ai // phases) * chunk + a["tasks"]]
+        for i, pl in enumerate(part):
+            c.set_tag(pl.run_id, f"{tracking.TAG}slurm_job_{a['phase']}", f"{a['job_id']}_{i}")
+    ids = [a["job_id"] for a in arrays]
+    c.set_tag(parent, tracking.TAG + "slurm_arrays", ",".join(ids))
+    c.set_terminated(parent, "FINISHED")  # the launch is done; the points report into their own runs
+    print(f"queued {len(todo)} point(s) as {len(arrays)} array job(s): {', '.join(ids)}")
+    print(f"follow them with: python cluster/status.py sweep={name}  (MLflow: {uri})")
+    return 0

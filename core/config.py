@@ -19,7 +19,7 @@ CONFIG_DIR = REPO / "sweeps" / "conf"
 SEARCHPATH = f"hydra.searchpath=[file://{REPO}]"
 
 RUN_ONLY = (
-    "cluster", "tracking", "sweep", "output_root", "dry_run", "device",
+    "cluster", "tracking", "sweep", "output_root", "dry_run", "device", "report_dir",
     "pretrain.checkpoint_every", "pretrain.log_every", "data.num_workers", "data.root", "evaluate.batch_size",
 )
 

@@ -167,7 +167,9 @@ def pretrain_loader(split: Split, cfg_data, input_size: int, batch_size: int, se
                     total_steps: int, rank: int = 0, world_size: int = 1) -> DataLoader:
     view = Augmented(split.dataset, input_size, cfg_data.crop_scale, cfg_data.hflip)
     sampler = ResumableBatchSampler(len(view), batch_size, seed, start_step, total_steps, rank, world_size)
-    return DataLoader(view, batch_sampler=sampler, num_workers=cfg_data.num_workers,
+    # A private generator: creating the iterator must not draw from the global RNG, whose state the
+    # checkpoint restores (else a resumed job's masks would shift by one draw).
+    return DataLoader(view, batch_sampler=sampler, num_workers=cfg_data.num_workers, generator=torch.Generator(),
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 

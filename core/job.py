@@ -2,9 +2,14 @@
 
 This is the function a local launch calls in-process and a SLURM task calls on its node; it knows the
 MLflow run it writes into but nothing about sweeps, grids or reports.
+
+Distributed: when the environment says there are several processes (SLURM_NTASKS under srun, or
+torchrun's WORLD_SIZE), each process trains a shard of every batch under DistributedDataParallel
+(NCCL on GPUs, gloo on CPU); only rank 0 writes checkpoints and talks to MLflow, and it evaluates alone.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -13,54 +18,101 @@ from omegaconf import OmegaConf
 
 from core import tracking
 
+PHASES = ("all", "pretrain", "evaluate")
 
-def pick_device(name: str) -> torch.device:
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or auto")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or auto")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
-def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: False) -> dict:
-    """cfg: resolved point config (DictConfig or YAML text). Returns the evaluation metrics."""
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's or SLURM's variables."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
+    return 0, 1, 0
+
+
+def init_distributed(rank: int, world: int, device: torch.device) -> None:
+    import torch.distributed as dist
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # single-node jobs (the array tasks here)
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+
+
+def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: False, phase: str = "all") -> dict:
+    """cfg: resolved point config (DictConfig or YAML text). Returns the evaluation metrics (rank 0)."""
     from core.data import load_split
     from core.evaluate import evaluate
     from core.teachers import build_teacher
-    from core.train import NonFiniteLoss, Preempted, build_model, pretrain
+    from core.train import NonFiniteLoss, Preempted, build_model, load_checkpoint, pretrain, schedule
 
     cfg = OmegaConf.create(cfg) if isinstance(cfg, str) else cfg
+    rank, world, local_rank = dist_env()
+    lead = rank == 0
     c = tracking.client(uri)
-    log = tracking.MetricLog(c, run_id)
-    c.update_run(run_id, status="RUNNING")
+    log = tracking.MetricLog(c, run_id, enabled=lead)
+    if lead:
+        c.update_run(run_id, status="RUNNING")
     t0 = time.perf_counter()
     try:
-        device = pick_device(cfg.device)
+        device = pick_device(cfg.device, local_rank)
+        if world > 1:
+            init_distributed(rank, world, device)
         train_split, test_split = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+        ckpt = Path(workdir) / "checkpoint.pt"
+        if phase == "evaluate":
+            state = load_checkpoint(ckpt)
+            total = schedule(cfg, len(train_split.dataset), world)[0]
+            if state is None or state["step"] < total:
+                raise RuntimeError(f"evaluation needs a finished pre-training checkpoint at {ckpt}")
         teacher = build_teacher(cfg.teacher).to(device) if cfg.method.target == "teacher" else None
         model = build_model(cfg, teacher).to(device)
-        stats = pretrain(cfg, model, teacher, train_split, Path(workdir) / "checkpoint.pt", log, device,
-                         should_stop)
-        results = evaluate(model.encoder, cfg, train_split, test_split, device)
-        if cfg.evaluate.floor:  # same architecture and seed, untrained: what pre-training has to beat
-            floor = evaluate(build_model(cfg, teacher).encoder.to(device), cfg, train_split, test_split, device)
-            results.update({f"floor_{k}": v for k, v in floor.items()})
-        results.update(pretrain_wall_s=stats["wall_s"], pretrain_img_s=stats["img_per_s"],
-                       wall_s=time.perf_counter() - t0)
+        ddp = None
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        stats = pretrain(cfg, model, teacher, train_split, ckpt, log, device, should_stop, rank, world, ddp)
+        results = {}
+        if phase != "pretrain" and lead:
+            results = evaluate(model.encoder, cfg, train_split, test_split, device)
+            if cfg.evaluate.floor:  # same architecture and seed, untrained: what pre-training has to beat
+                floor = evaluate(build_model(cfg, teacher).encoder.to(device), cfg, train_split, test_split, device)
+                results.update({f"floor_{k}": v for k, v in floor.items()})
+        if phase != "evaluate" and stats["steps"] > stats["resumed_from"]:
+            results.update(pretrain_wall_s=stats["wall_s"], pretrain_img_s=stats["img_per_s"])
+        results["wall_s"] = time.perf_counter() - t0
         for k, v in results.items():
-            log(k, v, stats["steps"])
+            log(k if phase != "pretrain" or k != "wall_s" else "pretrain_job_wall_s", v, stats["steps"])
         log.flush()
-        if stats["resumed_from"]:
-            log.tag("resumed_from_step", str(stats["resumed_from"]))
-        c.set_terminated(run_id, "FINISHED")
+        if lead:
+            if stats["resumed_from"]:
+                log.tag("resumed_from_step", str(stats["resumed_from"]))
+            if phase == "pretrain":
+                c.update_run(run_id, status="SCHEDULED")  # waits for its evaluation task
+            else:
+                c.set_terminated(run_id, "FINISHED")
         return results
     except Preempted:
         log.flush()
-        c.update_run(run_id, status="SCHEDULED")  # waits for its requeued job; not failed, not finished
+        if lead:
+            c.update_run(run_id, status="SCHEDULED")  # waits for its requeued job; not failed, not finished
         raise
     except BaseException as e:
         log.flush()
         reason = "non-finite loss" if isinstance(e, NonFiniteLoss) else type(e).__name__
         log.tag("failure", f"{reason}: {e}"[:5000])
-        c.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if lead:
+            c.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -182,12 +182,13 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
             log("train_loss", loss.item(), step)
             log("lr", opt.param_groups[0]["lr"], step)
             log("throughput_img_s", n_window / max(now - t_window, 1e-9), step)
+            log("progress", step / total, step)
             t_window, n_window = now, 0
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update(1)
         if step % p.checkpoint_every == 0 or step == total:
             checkpoint()
-        if should_stop() and step < total:
+        if _agree(should_stop(), world_size, device) and step < total:
             checkpoint()
             bar.close()
             raise Preempted(f"stopped at step {step}/{total} after a checkpoint")
@@ -197,6 +198,15 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
     wall = time.perf_counter() - t_start
     return {"steps": step, "total_steps": total, "resumed_from": resumed_from, "wall_s": wall,
             "img_per_s": n_total / wall if n_total else math.nan}
+
+
+def _agree(flag: bool, world_size: int, device) -> bool:
+    """Under DDP every rank must stop at the same step: stop if any rank was signalled."""
+    if world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _progress(total: int, start: int, rank: int):

@@ -1,0 +1,369 @@
+"""Training throughput and hardware utilisation of MAE / MCM pre-training steps.
+
+What: for every (method, model, target) asked for, build the model, optimiser and teacher exactly as
+core/train.py does, then time full training steps on random images -- target computation (the frozen
+teacher's forward when target=teacher), student forward, backward and the AdamW step -- and count the
+FLOPs of one step with torch.utils.flop_counter.FlopCounterMode. The same run measures what a plain
+square matmul achieves on this machine with the same thread count and dtype, so every row can say what
+fraction of the attainable matmul rate the training step reaches.
+
+Why: to size sweeps (img/s, ms/step per point on a given machine), to see where the time goes (the
+teacher's share of a step), and to spot an implementation that leaves the hardware idle (a low
+achieved/peak ratio) before paying for a cluster.
+
+Notes on the numbers:
+- Images are random, in [0, 1], of the model's input size and the data config's channel count; no
+  dataset is read (data=imagenet is composed only for its channels/mean/std). Data loading, the lr
+  scheduler, checkpointing and logging are not timed.
+- FLOPs are FlopCounterMode's: 2 per multiply-add of matmuls, convolutions and attention; elementwise
+  work (norms, GELU, the optimiser) counts zero. "train" FLOPs = student forward + backward + teacher
+  forward. PyTorch's counter has no formula for the fused CPU attention kernel, so one is added here
+  (the standard SDPA formula); without it attention would count zero on CPU.
+- The matmul reference is torch.mm of two N x N matrices (default 2048), run for ~1 s, best of 3.
+  It is this machine's practical peak for that op, not the vendor's datasheet figure.
+
+    python bench/throughput.py                                   # micro/tiny/small, mae+mcm, both targets
+    python bench/throughput.py --models vit_base --steps 2        # ViT-B/16 (slow on CPU)
+    python bench/throughput.py --device cuda --precision bf16 --json out.json
+    python bench/throughput.py --methods mcm --targets teacher \\
+        --override teacher=clip_vit_b16 --override teacher.pretrained=random   # cost of a CLIP teacher
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from core.config import CONFIG_DIR, SEARCHPATH  # noqa: E402
+from core.targets import make_targets  # noqa: E402
+from core.teachers import build_teacher  # noqa: E402
+from core.train import build_model, build_optimizer  # noqa: E402
+
+DEFAULT_MODELS = "vit_micro,vit_tiny,vit_small"  # vit_base: ~1 min per point on 2 CPU cores
+DATA_FOR_MODEL = {"vit_micro": "fashion_mnist_embedded"}  # every other model: 224 px, 3 channels
+DEFAULT_DATA = "imagenet"
+DEFAULT_BATCH = {"cpu": {"vit_micro": 64, "*": 8}, "cuda": {"vit_micro": 256, "*": 64}}
+DEFAULT_STEPS = {"vit_base": 2, "*": 5}
+WARMUP_STEPS = 2
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+aten = torch.ops.aten
+# FlopCounterMode knows the CUDA flash/efficient/cuDNN attention kernels but not the CPU one.
+CPU_ATTENTION_FLOPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad_out, q, k, v),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------
+
+def compose_point(method: str, model: str, target: str, batch: int, precision: str, extra: list[str]):
+    """The resolved config of one point, composed as cluster/launch.py does (no validation: the
+    imagenet data root need not exist, nothing is read from it)."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    overrides = [SEARCHPATH, f"method={method}", f"model={model}",
+                 f"data={DATA_FOR_MODEL.get(model, DEFAULT_DATA)}", f"method.target={target}",
+                 f"pretrain.batch_size={batch}", f"pretrain.precision={precision}", *extra]
+    cfg = compose(config_name="config", overrides=overrides)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def pick(table: dict, model: str):
+    return table.get(model, table["*"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# One training step, as core.train.pretrain runs it
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Point:
+    cfg: object
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    teacher: nn.Module | None
+    imgs: torch.Tensor        # [B, C, H, W] in [0, 1]
+    mean: torch.Tensor
+    std: torch.Tensor
+    amp_dtype: torch.dtype | None
+
+
+def build_point(cfg, teacher, device: torch.device, seed: int) -> Point:
+    model = build_model(cfg, teacher).to(device).train()
+    lr = cfg.pretrain.base_lr * cfg.pretrain.batch_size / 256  # the linear scaling rule of core.train
+    optimizer = build_optimizer(model, cfg, lr)
+    d, size = cfg.data, cfg.model.input_size
+    gen = torch.Generator().manual_seed(seed)
+    imgs = torch.rand(cfg.pretrain.batch_size, d.channels, size, size, generator=gen).to(device)
+    mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
+    return Point(cfg, model, optimizer, teacher, imgs, mean, std, AMP_DTYPES[cfg.pretrain.precision])
+
+
+def train_step(p: Point, target_ctx=None, student_ctx=None) -> None:
+    """Targets, forward, backward, AdamW step. The contexts wrap the two phases (FLOP counters)."""
+    cfg, device_type = p.cfg, p.imgs.device.type
+    x = (p.imgs - p.mean) / p.std
+    with target_ctx or nullcontext():
+        # Pixel targets come from the normalised input; a teacher sees the raw image (as core.train).
+        src = p.imgs if cfg.method.target == "teacher" else x
+        target = make_targets(cfg.method.target, src, cfg.model.patch_size, p.teacher)
+    with student_ctx or nullcontext():
+        with torch.autocast(device_type, dtype=p.amp_dtype, enabled=p.amp_dtype is not None):
+            loss, _ = p.model(x, target)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()}")
+        p.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    if cfg.pretrain.grad_clip:
+        nn.utils.clip_grad_norm_(p.model.parameters(), cfg.pretrain.grad_clip)
+    p.optimizer.step()
+
+
+def count_flops(p: Point) -> tuple[int, int]:
+    """-> (student forward+backward FLOPs, target/teacher FLOPs) of one training step."""
+    teacher_fc = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    student_fc = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    train_step(p, teacher_fc, student_fc)
+    return student_fc.get_total_flops(), teacher_fc.get_total_flops()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(p: Point, steps: int, warmup: int) -> tuple[float, float]:
+    """-> (mean seconds per step, mean seconds of the target phase) over `steps` after `warmup` steps."""
+    device = p.imgs.device
+    for _ in range(warmup):
+        train_step(p)
+    target_s = 0.0
+
+    class TargetTimer:  # times the target phase inside the step (a sync on CUDA, free on CPU)
+        def __enter__(self):
+            sync(device)
+            self.t = time.perf_counter()
+
+        def __exit__(self, *exc):
+            nonlocal target_s
+            sync(device)
+            target_s += time.perf_counter() - self.t
+
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(p, target_ctx=TargetTimer())
+    sync(device)
+    return (time.perf_counter() - start) / steps, target_s / steps
+
+
+# ----------------------------------------------------------------------------------------------------
+# The machine's reference matmul rate
+# ----------------------------------------------------------------------------------------------------
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 1.0, trials: int = 3) -> float:
+    """Best-of-`trials` FLOP/s of torch.mm on N x N matrices, each trial running for ~`seconds`."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    sync(device)
+    best = 0.0
+    for _ in range(trials):
+        iters, start = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b)
+            iters += 1
+            if iters % 4 == 0 or device.type == "cpu":  # on CUDA, sync only now and then
+                sync(device)
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    break
+        best = max(best, 2 * n ** 3 * iters / elapsed)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark loop and report
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    method: str
+    model: str
+    target: str
+    batch: int
+    steps: int
+    img_per_s: float
+    step_ms: float
+    target_ms: float
+    student_gflop_per_img: float
+    teacher_gflop_per_img: float
+    train_gflop_per_img: float
+    achieved_tflops: float
+    peak_tflops: float
+    ratio: float
+    peak_mem_mib: float | None
+
+
+def run_point(method: str, model: str, target: str, args, device: torch.device, peak: float,
+              teachers: dict) -> Result:
+    batch = args.batch or pick(DEFAULT_BATCH[device.type], model)
+    steps = args.steps or pick(DEFAULT_STEPS, model)
+    cfg = compose_point(method, model, target, batch, args.precision, args.override)
+    teacher = None
+    if target == "teacher":
+        from omegaconf import OmegaConf
+        key = OmegaConf.to_yaml(cfg.teacher)
+        if key not in teachers:  # one teacher per teacher config, shared by every point
+            teachers[key] = build_teacher(cfg.teacher).to(device)
+        teacher = teachers[key]
+    p = build_point(cfg, teacher, device, args.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    student_flops, teacher_flops = count_flops(p)  # a real step: the first of the warm-up steps
+    step_s, target_s = time_steps(p, steps, warmup=WARMUP_STEPS - 1)
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    total = student_flops + teacher_flops
+    achieved = total / step_s
+    del p
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Result(method, model, target, batch, steps, batch / step_s, step_s * 1e3, target_s * 1e3,
+                  student_flops / batch / 1e9, teacher_flops / batch / 1e9, total / batch / 1e9,
+                  achieved / 1e12, peak / 1e12, achieved / peak, mem)
+
+
+COLUMNS = [  # (header, format of one Result)
+    ("method", lambda r: r.method),
+    ("model", lambda r: r.model),
+    ("target", lambda r: r.target),
+    ("batch", lambda r: f"{r.batch}"),
+    ("img/s", lambda r: f"{r.img_per_s:.1f}"),
+    ("step ms", lambda r: f"{r.step_ms:.1f}"),
+    ("target ms", lambda r: f"{r.target_ms:.1f} ({r.target_ms / r.step_ms:.0%})"),
+    ("GFLOP/img student", lambda r: f"{r.student_gflop_per_img:.3f}"),
+    ("GFLOP/img teacher", lambda r: f"{r.teacher_gflop_per_img:.3f}"),
+    ("GFLOP/img train", lambda r: f"{r.train_gflop_per_img:.3f}"),
+    ("TFLOP/s", lambda r: f"{r.achieved_tflops:.3f}"),
+    ("peak TFLOP/s", lambda r: f"{r.peak_tflops:.3f}"),
+    ("% of peak", lambda r: f"{r.ratio:.1%}"),
+    ("peak mem MiB", lambda r: "-" if r.peak_mem_mib is None else f"{r.peak_mem_mib:.0f}"),
+]
+
+
+def format_table(results: list[Result]) -> str:
+    cells = [[h for h, _ in COLUMNS]] + [[f(r) for _, f in COLUMNS] for r in results]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    csv = lambda s: [x for x in s.split(",") if x]
+    ap.add_argument("--models", type=csv, default=csv(DEFAULT_MODELS),
+                    help=f"comma-separated model configs (default {DEFAULT_MODELS}; add vit_base explicitly)")
+    ap.add_argument("--methods", type=csv, default=["mae", "mcm"])
+    ap.add_argument("--targets", type=csv, default=["norm_pixel", "teacher"])
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"timed steps per point after {WARMUP_STEPS} warm-up steps "
+                         f"(default {DEFAULT_STEPS['*']}, {DEFAULT_STEPS['vit_base']} for vit_base)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="images per step (default: 64 for vit_micro, 8 for 224 px models on CPU; "
+                         "256 / 64 on CUDA)")
+    ap.add_argument("--precision", choices=list(AMP_DTYPES), default="fp32",
+                    help="fp32, or bf16 autocast (as pretrain.precision)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: os.cpu_count())")
+    ap.add_argument("--matmul-size", type=int, default=2048, help="N of the N x N reference matmul")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra Hydra override for every point (repeatable), e.g. teacher=clip_vit_b16")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random input images")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> list[Result]:
+    from hydra import initialize_config_dir
+
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    mm_dtype = AMP_DTYPES[args.precision] or torch.float32
+
+    print(f"torch {torch.__version__} | device {args.device}: {device_name(device)} | threads "
+          f"{torch.get_num_threads()} | precision {args.precision}", flush=True)
+    peak = matmul_peak(device, mm_dtype, args.matmul_size)
+    print(f"matmul reference: torch.mm {args.matmul_size}x{args.matmul_size} {str(mm_dtype).split('.')[-1]} "
+          f"= {peak / 1e12:.3f} TFLOP/s (best of 3 x ~1 s)", flush=True)
+
+    results, teachers, t0 = [], {}, time.perf_counter()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for method in args.methods:
+            for model in args.models:
+                for target in args.targets:
+                    r = run_point(method, model, target, args, device, peak, teachers)
+                    results.append(r)
+                    print(f"  {method:4s} {model:10s} {target:10s} {r.img_per_s:9.1f} img/s "
+                          f"{r.step_ms:8.1f} ms/step", flush=True)
+    wall = time.perf_counter() - t0
+
+    print()
+    print(format_table(results))
+    print(f"\n{len(results)} points in {wall:.0f} s; FLOPs: matmul/conv/attention only (2 per MAC), "
+          f"'target ms' = target computation (teacher forward) within the step.")
+    if args.json:
+        env = {"torch": torch.__version__, "device": args.device, "device_name": device_name(device),
+               "threads": torch.get_num_threads(), "precision": args.precision,
+               "matmul_size": args.matmul_size, "matmul_peak_tflops": peak / 1e12,
+               "warmup_steps": WARMUP_STEPS, "overrides": args.override, "wall_s": wall}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"env": env, "results": [asdict(r) for r in results]}, indent=2))
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

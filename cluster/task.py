@@ -1,0 +1,67 @@
+"""What one SLURM array task runs: `python -m cluster.task MANIFEST`.
+
+It picks its point by SLURM_ARRAY_TASK_ID, records the SLURM job in the point's MLflow run, and runs it.
+USR2 (sent `signal_delay_s` before the time limit, or by `scancel --signal=USR2`) and SIGTERM
+(preemption) make the training loop write a checkpoint at the next step and stop; the task then requeues
+itself with `scontrol requeue` -- at most `max_requeues` times -- and the requeued task resumes from that
+checkpoint into the same MLflow run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+
+def main(manifest_path: str) -> int:
+    from core import tracking
+    from core.job import run_point
+    from core.train import Preempted
+
+    manifest = json.loads(open(manifest_path).read())
+    index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    point = manifest["points"][index]
+    job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', os.environ.get('SLURM_JOB_ID', '?'))}_{index}"
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    rank = int(os.environ.get("SLURM_PROCID", "0"))
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+        print(f"[mimsweep] got {stop['signal']}: checkpointing at the next step", flush=True)
+
+    signal.signal(signal.SIGUSR2, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    c = tracking.client(manifest["uri"])
+    if rank == 0:
+        log = tracking.MetricLog(c, point["run_id"])
+        log.tag(f"slurm_job_{manifest['phase']}", job)
+        log.tag("slurm_restarts", str(restarts))
+    print(f"[mimsweep] {point['label']} seed={point['seed']} sig={point['signature']} run={point['run_id']} "
+          f"job={job} phase={manifest['phase']} restarts={restarts}", flush=True)
+    try:
+        run_point(point["config"], point["run_id"], manifest["uri"], point["workdir"],
+                  should_stop=lambda: stop["signal"] is not None, phase=manifest["phase"])
+    except Preempted as e:
+        if rank != 0:
+            return 0
+        if restarts >= manifest["max_requeues"]:
+            log.tag("failure", f"stopped by {stop['signal']} after {restarts} requeue(s): {e}")
+            c.set_terminated(point["run_id"], "FAILED")
+            return 1
+        array_task = job
+        print(f"[mimsweep] {e}; requeueing {array_task} ({restarts + 1}/{manifest['max_requeues']})", flush=True)
+        res = subprocess.run(["scontrol", "requeue", array_task], capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"[mimsweep] scontrol requeue failed: {res.stderr.strip()}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,190 @@
+"""A sweep's table, rebuilt from MLflow: `python reports/build.py sweep=NAME [preset=...] [key=value ...]`.
+
+Give it the same overrides as the launch (`sweeps/run.py`): it composes the grid exactly as the launcher
+does (cluster.launch.plan), so the points' signatures pick out the runs of *that* launch (a smoke
+rehearsal and the real sweep share an experiment but not their signatures). Results are read from
+MLflow only, never from job folders: one paged search of the sweep's experiment, FINISHED point runs of
+the planned signatures. It prints the Markdown table and writes <sweep>.{md,tex,csv,html,png} under
+`report_dir` (default <output_root>/reports/<sweep>).
+
+Exit codes: 0 = report written (possibly with missing points, footnoted); 1 = nothing to report (no
+store, no experiment, or no finished run of the plan), nothing written; 2 = a config mistake.
+"""
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+import pandas as pd  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from core.config import CONFIG_DIR, SEARCHPATH, ConfigError  # noqa: E402
+
+EXIT = {"code": 0}  # hydra.main drops the task's return value, so the exit code travels through here
+REPORT_ONLY = ("report_dir",)  # overrides of this script that the launcher must not be given back
+
+
+class NothingToReport(Exception):
+    """No store, experiment or finished run: the message says where we looked and what to run."""
+
+
+def available_sweeps() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml"))
+
+
+def run_command(task_overrides: list[str]) -> str:
+    """The launch that produces the runs this report looks for: the same overrides, minus report-only ones."""
+    from cluster.launch import override_key
+    keep = [o for o in task_overrides if override_key(o) not in REPORT_ONLY]
+    return " ".join(["python sweeps/run.py", *map(shlex.quote, keep)])
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """The launcher's URI (core.tracking.resolve_uri), but a default SQLite store that does not exist yet
+    is an error here: opening it would create an empty database, as if a sweep had been tracked there."""
+    import os
+
+    from core import tracking
+    if not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        db = Path(cfg.output_root).resolve() / "mlflow.db"
+        if not db.is_file():
+            raise NothingToReport(f"no MLflow store at sqlite:///{db} (output_root={cfg.output_root}).")
+    return tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
+
+
+def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFrame:
+    """One row per FINISHED point run whose signature is in the plan: label, seed, signature, run_id and
+    the latest value of every metric. Raises NothingToReport if the experiment is missing."""
+    from core import tracking
+
+    c = tracking.client(uri)
+    try:
+        exp = c.get_experiment_by_name(experiment)
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad URI: all the same to the reader
+        raise NothingToReport(f"the MLflow store {uri} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
+    if exp is None or exp.lifecycle_stage == "deleted":  # never create or restore it: we only read
+        raise NothingToReport(f"no experiment '{experiment}' in the MLflow store {uri}.")
+    by_sig = {pl.signature: pl for pl in planned}
+    rows, others = [], 0
+    # runs_by_signature: one paged search for the sweep's tag, the latest point run per signature
+    for sig, run in tracking.runs_by_signature(c, exp.experiment_id, sweep).items():
+        if run.info.status != tracking.FINISHED:
+            continue
+        if sig not in by_sig:
+            others += 1  # finished, but another composition (other preset, seeds, overrides)
+            continue
+        pl = by_sig[sig]
+        rows.append({"label": pl.point.label, "seed": pl.point.seed, "signature": sig,
+                     "run_id": run.info.run_id, **run.data.metrics})
+    runs = pd.DataFrame(rows, columns=["label", "seed", "signature", "run_id"] if not rows else None)
+    runs.attrs["other_finished"] = others
+    return runs
+
+
+def describe(planned: list) -> str:
+    """One line saying what "ours" is, from the composed configs; what differs between points is the
+    swept setting and is said to vary rather than quoting the first point's value."""
+    from omegaconf import OmegaConf
+
+    def value(key: str):
+        vals = {str(OmegaConf.select(pl.cfg, key)) for pl in planned}
+        return vals.pop() if len(vals) == 1 else "varies"
+
+    c = planned[0].cfg
+    n_train, n_test = value("data.train_limit"), value("data.test_limit")
+    steps = value("pretrain.max_steps")
+    parts = [
+        f"{value('model.name')} (depth {value('model.depth')}, width {value('model.embed_dim')}, "
+        f"patch {value('model.patch_size')}, {value('model.input_size')} px)",
+        f"method {value('method.name')}",
+        f"{value('data.name')} ({'all' if n_train == 'None' else n_train} train / "
+        f"{'all' if n_test == 'None' else n_test} test images)",
+        f"{value('pretrain.epochs')} epoch(s)" + ("" if steps == "None" else f", at most {steps} steps")
+        + f", batch {value('pretrain.batch_size')}",
+    ]
+    if any(pl.cfg.method.target == "teacher" for pl in planned):
+        parts.append(f"teacher {c.teacher.model} ({value('teacher.pretrained')})")
+    else:
+        parts.append(f"target {value('method.target')}")
+    parts.append(f"top-1 % on frozen {value('evaluate.pool')}-pooled features "
+                 f"(k-NN k={value('evaluate.knn.k')}, linear probe {value('evaluate.linear.epochs')} ep)")
+    return "; ".join(parts) + "."
+
+
+def write(report, out_dir: Path) -> list[Path]:
+    from reports import table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = table.plot(report)
+    files = {"md": table.to_markdown(report), "tex": table.to_latex(report), "csv": table.to_csv(report),
+             "html": table.to_html(report, png)}
+    paths = []
+    for ext, text in files.items():
+        p = out_dir / f"{report.name}.{ext}"
+        p.write_text(text, encoding="utf-8")
+        paths.append(p)
+    p = out_dir / f"{report.name}.png"
+    p.write_bytes(png)
+    return paths + [p]
+
+
+def report(cfg: DictConfig, task_overrides: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from cluster.launch import plan
+    from reports import table
+
+    if cfg.get("sweep") is None:
+        print(f"error: give sweep=NAME; available: {', '.join(available_sweeps())}", file=sys.stderr)
+        return 2
+    name, planned = plan(cfg, task_overrides)
+    experiment = cfg.tracking.experiment or name
+    command = run_command(task_overrides)
+    try:
+        uri = tracking_uri(cfg)
+        runs = load_runs(uri, experiment, name, planned)
+        if runs.empty:
+            other = runs.attrs.get("other_finished", 0)
+            hint = (f" It holds {other} finished run(s) of this sweep with other settings: give the overrides "
+                    f"of their launch (preset=..., sweep.seeds=...)." if other else "")
+            raise NothingToReport(f"none of the {len(planned)} point(s) of sweep {name} has a finished run "
+                                  f"in experiment '{experiment}' at {uri}.{hint}")
+    except NothingToReport as e:
+        print(f"error: {e}\nTo run them: {command}\nNo report was written.", file=sys.stderr)
+        return 1
+
+    labels = list(dict.fromkeys(pl.point.label for pl in planned))  # grid order, one row per label
+    agg = table.aggregate(runs, labels)
+    spec = OmegaConf.to_container(cfg.sweep, resolve=True)
+    try:
+        rep = table.build(agg, spec, caption=describe(planned), missing=len(planned) - len(runs),
+                          expected=len(planned), run_command=command)
+    except ValueError as e:  # a malformed report block in the spec
+        print(f"error: sweeps/conf/sweep/{name}.yaml: {e}", file=sys.stderr)
+        return 2
+    print(table.to_markdown(rep))
+    out_dir = Path(cfg.get("report_dir") or Path(cfg.output_root) / "reports" / name)
+    write(rep, out_dir)
+    print(f"{len(runs)}/{len(planned)} point(s) from experiment '{experiment}' at {uri}; wrote "
+          f"{out_dir}/{name}.{{md,tex,csv,html,png}}", file=sys.stderr)
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="../sweeps/conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        EXIT["code"] = report(cfg, list(HydraConfig.get().overrides.task))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        EXIT["code"] = 2
+
+
+if __name__ == "__main__":
+    sys.argv.insert(1, SEARCHPATH)
+    main()
+    sys.exit(EXIT["code"])

@@ -1,0 +1,328 @@
+"""A sweep's results in its paper's layout: pure functions on pandas frames and the sweep spec (no MLflow).
+
+    finished runs (one row per run) --aggregate--> one row per label --build--> Report
+    Report --> to_markdown / to_latex / to_html / to_csv / plot (PNG bytes)
+
+Rows are the swept values (grid order), then the paper's reference rows that our grid lacks (e.g. the
+paper's 300/1600 epochs next to our 1..8), with empty "ours" cells. Our columns are the frozen-feature
+top-1 accuracies and their random-init floors (mean ± std over seeds, and n); the paper's columns come
+from the spec's `report.reference`. Every format bolds the best value of each metric column and marks
+the paper's default row, so they all say the same thing.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+# Our metrics, in column order: MLflow key -> heading.
+METRICS: dict[str, str] = {
+    "knn_top1": "k-NN top-1",
+    "linear_top1": "linear top-1",
+    "floor_knn_top1": "k-NN floor",
+    "floor_linear_top1": "linear floor",
+}
+PAPER = "paper: "        # prefix of the reference columns, so nobody mistakes them for ours
+MISSING = "–"            # a grid point with no finished run
+DEFAULT_MARK = " (default)"
+DECIMALS = 2             # our accuracies are percentages of a few hundred test images: 2 decimals is plenty
+
+
+@dataclass
+class Report:
+    """Everything the renderers need; `frame` holds plain numbers only (NaN where there is none)."""
+    name: str                 # the sweep (file names, LaTeX label)
+    title: str
+    row_title: str            # heading of the label column, e.g. "mask ratio γ"
+    frame: pd.DataFrame       # index: row label; columns: <metric>_mean, <metric>_std, n, "paper: <col>"
+    grid_labels: list[str]    # the rows that are ours; the others are the paper's only
+    default: str | None = None
+    source: str = ""          # where the paper's numbers come from
+    caption: str = ""         # what "ours" is: model, data, epochs, teacher
+    missing: int = 0          # grid points (label x seed) without a finished run
+    expected: int = 0         # grid points in all
+    run_command: str = ""     # how to run the missing points
+
+    @property
+    def paper_columns(self) -> list[str]:
+        return [c for c in self.frame.columns if c.startswith(PAPER)]
+
+
+def aggregate(runs: pd.DataFrame, labels: Sequence[str], metrics: Sequence[str] = tuple(METRICS)) -> pd.DataFrame:
+    """One row per label, in `labels` order: `<metric>_mean`, `<metric>_std` (sample std, NaN below 2
+    runs) and `n` (finished runs of the label, 0 where none). `runs` has a `label` column and one column
+    per metric; labels outside `labels` are ignored, metrics a run did not log are NaN and skipped."""
+    runs = runs.reindex(columns=["label", *metrics])
+    runs = runs[runs["label"].isin(labels)]
+    grouped = runs.groupby("label", sort=False)
+    out = pd.DataFrame(index=pd.Index(list(labels), name="label"))
+    for m in metrics:
+        values = pd.to_numeric(runs[m], errors="coerce").groupby(runs["label"], sort=False)
+        out[f"{m}_mean"] = values.mean()
+        out[f"{m}_std"] = values.std(ddof=1)  # NaN for a single seed: no spread is known, none is shown
+    out["n"] = grouped.size().reindex(out.index).fillna(0).astype(int)
+    return out
+
+
+def reference_frame(reference: dict | None) -> pd.DataFrame:
+    """The spec's `report.reference` as a frame: index = the paper's row labels, columns "paper: <col>"."""
+    reference = reference or {}
+    columns = [PAPER + str(c) for c in reference.get("columns") or []]
+    rows = reference.get("rows") or {}
+    for label, values in rows.items():
+        if len(values) != len(columns):  # a typo in the spec must not shift numbers into the wrong column
+            raise ValueError(f"report.reference.rows[{label!r}] has {len(values)} values for "
+                             f"{len(columns)} reference.columns")
+    return pd.DataFrame([[float(v) for v in vals] for vals in rows.values()],
+                        index=pd.Index([str(k) for k in rows], name="label"), columns=columns, dtype=float)
+
+
+def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0, expected: int = 0,
+          run_command: str = "") -> Report:
+    """agg: `aggregate`'s frame (grid order); spec: the sweep spec (name, title, report)."""
+    rep = spec.get("report") or {}
+    paper = reference_frame(rep.get("reference"))
+    grid = [str(x) for x in agg.index]
+    extra = [x for x in paper.index if x not in grid]  # the paper's rows we have no point for go last
+    frame = agg.set_axis(grid).reindex(grid + extra).join(paper)
+    frame.index.name = "label"
+    default = rep.get("default")
+    return Report(name=str(spec.get("name", "sweep")), title=str(rep.get("title") or spec.get("title") or spec.get("name")),
+                  row_title=str(rep.get("row_title") or "setting"), frame=frame, grid_labels=grid,
+                  default=None if default is None else str(default), source=str((rep.get("reference") or {}).get("source") or ""),
+                  caption=caption, missing=missing, expected=expected, run_command=run_command)
+
+
+def best(report: Report) -> pd.DataFrame:
+    """True where a cell holds its column's best (highest) value, as displayed. Ties are all best; a
+    column with fewer than two distinct values has no best (bolding every row says nothing)."""
+    f = report.frame
+    mask = pd.DataFrame(False, index=f.index, columns=f.columns)
+    for col in [f"{m}_mean" for m in METRICS if f"{m}_mean" in f] + report.paper_columns:
+        values = f[col] if col.startswith(PAPER) else f.loc[report.grid_labels, col]
+        shown = values.round(DECIMALS).dropna()
+        if shown.nunique() >= 2:
+            mask.loc[shown.index[shown == shown.max()], col] = True
+    return mask
+
+
+# ---- rendering -------------------------------------------------------------------------------------
+
+@dataclass
+class Style:
+    bold: Callable[[str], str]
+    escape: Callable[[str], str] = lambda s: s
+    pm: str = " ± "
+    missing: str = MISSING
+
+
+def _num(v: float, paper: bool) -> str:
+    # The paper's numbers keep the precision they were printed with (84.8 stays 84.8, not 84.80).
+    return f"{v:g}" if paper else f"{v:.{DECIMALS}f}"
+
+
+def headers(report: Report) -> list[str]:
+    return [report.row_title, *[METRICS[m] for m in METRICS if f"{m}_mean" in report.frame], "n",
+            *report.paper_columns]
+
+
+def cells(report: Report, style: Style) -> list[list[str]]:
+    """The table body as strings, one list per row, in `headers` order."""
+    f, is_best = report.frame, best(report)
+    rows = []
+    for label in f.index:
+        ours = label in report.grid_labels
+        row = [style.escape(label + (DEFAULT_MARK if label == report.default else ""))]
+        for m in METRICS:
+            if f"{m}_mean" not in f:
+                continue
+            mean, std = f.at[label, f"{m}_mean"], f.at[label, f"{m}_std"]
+            if not ours:
+                text = ""                          # a paper-only row: we have no such point
+            elif pd.isna(mean):
+                text = style.missing               # our point, not (yet) finished
+            else:
+                text = _num(mean, False) + ("" if pd.isna(std) else style.pm + _num(std, False))
+                text = style.bold(text) if is_best.at[label, f"{m}_mean"] else text
+            row.append(text)
+        row.append(str(int(f.at[label, "n"])) if ours else "")
+        for col in report.paper_columns:
+            v = f.at[label, col]
+            row.append("" if pd.isna(v) else style.bold(_num(v, True)) if is_best.at[label, col] else _num(v, True))
+        rows.append(row)
+    return rows
+
+
+def notes(report: Report, escape: Callable[[str], str] = lambda s: s,
+          code: Callable[[str], str] = lambda s: s) -> list[str]:
+    """Footnotes shared by every format; `escape` is the format's text escaping, `code` sets a command."""
+    out = ["Bold: best per column. Ours: mean ± std over seeds (n runs); floor: the same encoder at random init."]
+    if report.default is not None:
+        out.append(f"(default): the paper's default setting ({report.default}).")
+    if report.missing:
+        empty = (report.frame.loc[report.grid_labels, "n"] == 0).sum()
+        out.append((f"{MISSING}: no finished run. " if empty else "")
+                   + f"{report.missing} of {report.expected} grid points (row × seed) have no finished run yet; "
+                   f"run them with:")
+        return [escape(n) for n in out[:-1]] + [escape(out[-1]) + " " + code(escape(report.run_command))]
+    return [escape(n) for n in out]
+
+
+def to_markdown(report: Report) -> str:
+    head = headers(report)
+    body = cells(report, Style(bold=lambda s: f"**{s}**", escape=lambda s: s.replace("|", "\\|")))
+    align = [":--"] + ["--:"] * (len(head) - 1)  # labels left, numbers right
+    lines = [f"### {report.title}", ""]
+    if report.caption:
+        lines.append(f"Ours: {report.caption}")
+    if report.source:
+        lines.append(f"Paper: {report.source}")
+    lines.append("")
+    for row in (head, align, *body):
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines += [f"{n}  " for n in notes(report, code=lambda c: f"`{c}`")]  # trailing "  ": a line break
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "–": "--", "γ": r"$\gamma$", "×": r"$\times$"}
+
+
+def latex_escape(s: str) -> str:
+    """Escape LaTeX specials; Greek letters become math (plain pdflatex cannot typeset Unicode Greek)."""
+    out = []
+    for ch in s:
+        if ch in _LATEX_SPECIAL:
+            out.append(_LATEX_SPECIAL[ch])
+            continue
+        name = unicodedata.name(ch, "")
+        if name.startswith("GREEK SMALL LETTER "):
+            out.append(f"$\\{name.rsplit(' ', 1)[-1].lower()}$")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def to_latex(report: Report) -> str:
+    """A `table` float with a booktabs tabular (needs only \\usepackage{booktabs})."""
+    head = headers(report)
+    body = cells(report, Style(bold=lambda s: f"\\textbf{{{s}}}", escape=latex_escape, pm=r" $\pm$ ", missing="--"))
+    n_ours, n_paper = len(head) - 1 - len(report.paper_columns), len(report.paper_columns)
+    caption = latex_escape(report.title + ". " + (f"Ours: {report.caption} " if report.caption else "")
+                           + (f"Paper: {report.source}." if report.source else ""))
+    lines = [
+        "% generated by reports/build.py; needs \\usepackage{booktabs}",
+        "\\begin{table}[t]", "\\centering", f"\\caption{{{caption}}}", f"\\label{{tab:{report.name}}}",
+        "\\begin{tabular}{l" + "r" * n_ours + "r" * n_paper + "}", "\\toprule",
+    ]
+    if n_paper:  # group headings say whose numbers are whose
+        lines.append(f" & \\multicolumn{{{n_ours}}}{{c}}{{ours}} & \\multicolumn{{{n_paper}}}{{c}}{{paper}} \\\\")
+        lines.append(f"\\cmidrule(lr){{2-{1 + n_ours}}} \\cmidrule(lr){{{2 + n_ours}-{1 + n_ours + n_paper}}}")
+    lines.append(" & ".join(latex_escape(h.removeprefix(PAPER)) for h in head) + " \\\\")
+    lines.append("\\midrule")
+    lines += [" & ".join(r) + " \\\\" for r in body]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    lines += ["\\par\\smallskip{\\footnotesize " + " ".join(notes(report, latex_escape, lambda c: f"\\texttt{{{c}}}")) + "}"]
+    lines.append("\\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(report: Report) -> str:
+    """Plain numbers (mean and std in separate columns, empty where none), plus which row is ours/default."""
+    f = report.frame.copy()
+    f.insert(0, "ours", [label in report.grid_labels for label in f.index])
+    f.insert(1, "default", [label == report.default for label in f.index])
+    f["n"] = f["n"].astype("Int64")  # an integer column, empty for the paper-only rows
+    return f.to_csv(index=True, lineterminator="\n")
+
+
+def to_html(report: Report, png: bytes | None = None) -> str:
+    """A self-contained page: the table, its notes, and the plot embedded as a data: URI."""
+    esc = html.escape
+    head = headers(report)
+    body = cells(report, Style(bold=lambda s: f"<b>{s}</b>", escape=esc))
+    thead = "".join(f"<th>{esc(h)}</th>" for h in head)
+    rows = "\n".join("<tr" + (' class="default"' if label == report.default else "") + ">"
+                     + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for label, r in zip(report.frame.index, body))
+    img = (f'<img alt="{esc(report.title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+           if png else "")
+    meta = "".join(f"<p>{esc(k)}: {esc(v)}</p>" for k, v in (("Ours", report.caption), ("Paper", report.source)) if v)
+    foot = "".join(f"<p class=note>{n}</p>" for n in notes(report, esc, lambda c: f"<code>{c}</code>"))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{esc(report.title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ padding: .3em .8em; text-align: right; border-bottom: 1px solid #ddd; }}
+th {{ border-bottom: 2px solid #333; }}
+td:first-child, th:first-child {{ text-align: left; }}
+tr.default td {{ background: #f3f3f3; }}
+.note {{ font-size: .9em; color: #555; margin: .2em 0; }}
+img {{ max-width: 100%; margin-top: 1em; }}
+</style></head>
+<body>
+<h2>{esc(report.title)}</h2>
+{meta}
+<table>
+<thead><tr>{thead}</tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+{foot}
+{img}
+</body></html>
+"""
+
+
+def plot(report: Report) -> bytes:
+    """PNG: our metrics per row (error bars = std), floors dashed, the paper's first column on a right axis."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
+
+    f = report.frame
+    labels = list(f.index)
+    x = list(range(len(labels)))  # categorical: grid rows in order, then the paper-only rows
+    fig = Figure(figsize=(max(6.0, 1.1 * len(labels) + 2.5), 4.8), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    handles = []
+    colors = {"knn_top1": "tab:blue", "linear_top1": "tab:orange"}
+    for m, color in colors.items():
+        if f"{m}_mean" not in f:
+            continue
+        mean, std = f[f"{m}_mean"], f[f"{m}_std"]
+        if mean.notna().any():
+            yerr = std.fillna(0) if std.notna().any() else None  # bars only where seeds give a spread
+            h = ax.errorbar(x, mean, yerr=yerr, color=color, marker="o", capsize=3, label=f"ours: {METRICS[m]}")
+            handles.append(h)
+        floor = f.get(f"floor_{m}_mean")
+        if floor is not None and floor.notna().any():
+            (h,) = ax.plot(x, floor, color=color, linestyle="--", alpha=.7, label=f"ours: {METRICS['floor_' + m]}")
+            handles.append(h)
+    ax.set_ylabel("top-1 % (ours, frozen features)")
+    ax.set_xlabel(report.row_title)
+    ax.set_xticks(x, [lab + ("*" if lab == report.default else "") for lab in labels])
+    if report.default in labels:  # shade the paper's default setting
+        i = labels.index(report.default)
+        ax.axvspan(i - .4, i + .4, color="0.92", zorder=0)
+    ax.grid(axis="y", alpha=.3)
+    if report.paper_columns and f[report.paper_columns[0]].notna().any():
+        col = report.paper_columns[0]
+        ax2 = ax.twinx()
+        (h,) = ax2.plot(x, f[col], color="0.35", marker="s", linestyle=":", label=col + " (right axis)")
+        ax2.set_ylabel(col)
+        handles.append(h)
+    # below the axes: inside, it would hide points wherever they happen to fall
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    ax.set_title(report.title + ("   (* = default)" if report.default in labels else ""), fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

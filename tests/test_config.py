@@ -1,0 +1,114 @@
+"""Config validation, signatures and grid expansion: what a user relies on before any job runs."""
+import subprocess
+import sys
+
+import pytest
+
+from core.config import ConfigError, flatten, signature, validate
+from sweeps.grid import expand
+from tests.conftest import REPO, run_cli
+
+
+@pytest.mark.parametrize("override, key", [
+    ("method.mask_ratio=1.5", "method.mask_ratio"),
+    ("method.mask_ratio=0", "method.mask_ratio"),
+    ("method.decoder_depth=0", "method.decoder_depth"),
+    ("method.masking=stripes", "method.masking"),
+    ("method.recon_range=some", "method.recon_range"),
+    ("method.target=depth", "method.target"),
+    ("model.num_heads=3", "model.embed_dim"),
+    ("model.input_size=30", "model.input_size"),
+    ("pretrain.batch_size=0", "pretrain.batch_size"),
+    ("pretrain.precision=fp8", "pretrain.precision"),
+    ("pretrain.warmup_epochs=100", "pretrain.warmup_epochs"),
+    ("teacher.feature_stage=9", "teacher.feature_stage"),
+    ("teacher.pretrained=/no/such/file.pt", "teacher.pretrained"),
+    ("evaluate.pool=max", "evaluate.pool"),
+    ("data.crop_scale=[0.9,0.2]", "data.crop_scale"),
+])
+def test_bad_values_name_their_key(compose, override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(compose(override))
+    assert err.value.key == key
+    assert key in str(err.value)
+
+
+def test_teacher_width_must_be_known(compose):
+    with pytest.raises(ConfigError, match="teacher.model"):
+        validate(compose("teacher=clip_vit_b16", "teacher.model=ViT-Q-99"))
+    with pytest.raises(ConfigError, match="not a pretrained tag"):
+        validate(compose("teacher=clip_vit_b16", "teacher.pretrained=nonsense"))
+
+
+def test_every_shipped_config_combination_validates(compose):
+    for method in ("mae", "mcm"):
+        for model in ("vit_micro", "vit_tiny", "vit_small", "vit_base"):
+            validate(compose(f"method={method}", f"model={model}"))
+    for teacher in ("efficientnet_lite0", "clip_vit_b16", "clip_vit_l14"):
+        validate(compose(f"teacher={teacher}"))
+
+
+def test_signature_ignores_where_and_how_but_not_what(compose):
+    base = signature(compose())
+    assert signature(compose()) == base
+    for run_only in ("tracking.uri=http://elsewhere:5000", "output_root=/scratch/x", "pretrain.checkpoint_every=7",
+                     "device=cpu", "data.num_workers=4", "dry_run=true"):
+        assert signature(compose(run_only)) == base, run_only
+    for science in ("method.mask_ratio=0.6", "seed=1", "model.depth=6", "pretrain.epochs=3", "teacher.input_size=64"):
+        assert signature(compose(science)) != base, science
+
+
+def test_signature_is_stable_across_processes(compose):
+    code = ("import sys; sys.path.insert(0, '.');"
+            "from hydra import initialize_config_dir, compose;"
+            "from core.config import CONFIG_DIR, SEARCHPATH, signature;"
+            "initialize_config_dir(config_dir=str(CONFIG_DIR), version_base='1.3');"
+            "print(signature(compose('config', overrides=[SEARCHPATH, 'method.mask_ratio=0.6'])))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == signature(compose("method.mask_ratio=0.6"))
+
+
+def test_params_use_the_config_key_names(compose):
+    flat = flatten(compose())
+    assert flat["method.mask_ratio"] == 0.75 and flat["model.embed_dim"] == 128 and "pretrain.base_lr" in flat
+
+
+def test_grid_and_points_expand_with_seeds():
+    spec = {"name": "s", "fixed": ["method=mcm"], "grid": {"method.mask_ratio": [0.6, 0.75]}, "seeds": [0, 1],
+            "report": {"row_format": "percent"}}
+    pts = expand(spec)
+    assert [(p.label, p.seed) for p in pts] == [("60%", 0), ("60%", 1), ("75%", 0), ("75%", 1)]
+    assert pts[1].overrides == ["method=mcm", "method.mask_ratio=0.6", "seed=1"]
+    spec = {"name": "t", "points": [{"label": "a", "overrides": ["method=mae"]}, {"label": "b", "overrides": []}]}
+    assert [p.label for p in expand(spec)] == ["a", "b"]
+    with pytest.raises(ValueError, match="neither"):
+        expand({"name": "u"})
+
+
+def test_every_sweep_spec_expands_and_validates(compose):
+    from cluster.launch import compose_point
+    for spec_file in sorted((REPO / "sweeps" / "conf" / "sweep").glob("*.yaml")):
+        cfg = compose(f"sweep={spec_file.stem}")
+        points = expand(cfg.sweep)
+        assert points, spec_file.name
+        labels = {p.label for p in points}
+        ref_rows = set(cfg.sweep.report.reference.rows)
+        if spec_file.stem != "mcm_epochs":  # its paper rows are paper epochs, not ours
+            assert labels == ref_rows, spec_file.name
+        assert cfg.sweep.report.default in labels, spec_file.name
+        for p in points:
+            validate(compose_point([], p))
+
+
+def test_cli_reports_a_bad_value_without_traceback(tmp_path):
+    res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "method.decoder_depth=0", f"output_root={tmp_path}")
+    assert res.returncode == 2
+    assert "method.decoder_depth=0 is invalid" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert not (tmp_path / "mlflow.db").exists()   # nothing was created before the error
+
+
+def test_cli_help_lists_the_sweeps():
+    res = run_cli("sweeps/run.py", "--help")
+    assert res.returncode == 0
+    assert "mcm_mask_ratio" in res.stdout and "mcm_recon_range" in res.stdout
