@@ -54,11 +54,12 @@ from core.targets import make_targets  # noqa: E402
 from core.teachers import build_teacher  # noqa: E402
 from core.train import build_model, build_optimizer  # noqa: E402
 
-DEFAULT_MODELS = "vit_micro,vit_tiny,vit_small"  # vit_base: ~1 min per point on 2 CPU cores
+DEFAULT_MODELS = "vit_micro,vit_tiny,vit_small"  # vit_base: several minutes per point on 2 CPU cores
 DATA_FOR_MODEL = {"vit_micro": "fashion_mnist_embedded"}  # every other model: 224 px, 3 channels
 DEFAULT_DATA = "imagenet"
 DEFAULT_BATCH = {"cpu": {"vit_micro": 64, "*": 8}, "cuda": {"vit_micro": 256, "*": 64}}
-DEFAULT_STEPS = {"vit_base": 2, "*": 5}
+# Timed steps: 5 where a step is cheap, fewer at 224 px so the default list stays within ~5 min on 2 cores.
+DEFAULT_STEPS = {"vit_micro": 5, "vit_base": 2, "*": 3}
 WARMUP_STEPS = 2
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -296,9 +297,13 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> str:
+    """1-minute load average: above the thread count, other processes share the cores and skew times."""
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x for x in s.split(",") if x]
     ap.add_argument("--models", type=csv, default=csv(DEFAULT_MODELS),
                     help=f"comma-separated model configs (default {DEFAULT_MODELS}; add vit_base explicitly)")
@@ -306,7 +311,8 @@ def parse_args(argv=None):
     ap.add_argument("--targets", type=csv, default=["norm_pixel", "teacher"])
     ap.add_argument("--steps", type=int, default=None,
                     help=f"timed steps per point after {WARMUP_STEPS} warm-up steps "
-                         f"(default {DEFAULT_STEPS['*']}, {DEFAULT_STEPS['vit_base']} for vit_base)")
+                         f"(default {DEFAULT_STEPS['vit_micro']} for vit_micro, {DEFAULT_STEPS['*']} for 224 px "
+                         f"models, {DEFAULT_STEPS['vit_base']} for vit_base)")
     ap.add_argument("--batch", type=int, default=None,
                     help="images per step (default: 64 for vit_micro, 8 for 224 px models on CPU; "
                          "256 / 64 on CUDA)")
@@ -334,7 +340,7 @@ def main(argv=None) -> list[Result]:
     mm_dtype = AMP_DTYPES[args.precision] or torch.float32
 
     print(f"torch {torch.__version__} | device {args.device}: {device_name(device)} | threads "
-          f"{torch.get_num_threads()} | precision {args.precision}", flush=True)
+          f"{torch.get_num_threads()} | precision {args.precision} | load average {load_average()}", flush=True)
     peak = matmul_peak(device, mm_dtype, args.matmul_size)
     print(f"matmul reference: torch.mm {args.matmul_size}x{args.matmul_size} {str(mm_dtype).split('.')[-1]} "
           f"= {peak / 1e12:.3f} TFLOP/s (best of 3 x ~1 s)", flush=True)
@@ -352,13 +358,14 @@ def main(argv=None) -> list[Result]:
 
     print()
     print(format_table(results))
-    print(f"\n{len(results)} points in {wall:.0f} s; FLOPs: matmul/conv/attention only (2 per MAC), "
+    print(f"\n{len(results)} points in {wall:.0f} s (load average now {load_average()}); FLOPs: matmul/conv/attention only (2 per MAC), "
           f"'target ms' = target computation (teacher forward) within the step.")
     if args.json:
         env = {"torch": torch.__version__, "device": args.device, "device_name": device_name(device),
                "threads": torch.get_num_threads(), "precision": args.precision,
                "matmul_size": args.matmul_size, "matmul_peak_tflops": peak / 1e12,
-               "warmup_steps": WARMUP_STEPS, "overrides": args.override, "wall_s": wall}
+               "warmup_steps": WARMUP_STEPS, "overrides": args.override, "wall_s": wall,
+               "load_average_end": load_average()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"env": env, "results": [asdict(r) for r in results]}, indent=2))
         print(f"wrote {args.json}")

@@ -155,14 +155,13 @@ def submit(todo: list, cl, uri: str, root: Path, sweep: str, dry_run: bool = Fal
             script = sbatch_script(cl, manifest, len(part), f"mimsweep-{sweep}", log_dir, phase, dependency)
             entry = {"phase": phase, "tasks": len(part), "script": script, "job_id": None}
             submitted.append(entry)
-            if dry_run:
-                continue
-            if ci == 0 and phase == phases[0]:
-                test_only(script)
-            log_dir.mkdir(parents=True, exist_ok=True)
-            write_manifest(manifest, part, uri, root, phase, cl.max_requeues)
-            entry["job_id"] = sbatch(script)
+            if not dry_run:
+                if ci == 0 and phase == phases[0]:
+                    test_only(script)
+                log_dir.mkdir(parents=True, exist_ok=True)
+                write_manifest(manifest, part, uri, root, phase, cl.max_requeues)
+                entry["job_id"] = sbatch(script)
             # aftercorr: evaluation task i starts when pretraining task i completed successfully; with
             # --kill-on-invalid-dep a failed pretraining cancels its evaluation instead of pending forever.
-            dependency = f"aftercorr:{entry['job_id']}"
+            dependency = f"aftercorr:{entry['job_id'] or '<pretrain array job id>'}"
     return submitted

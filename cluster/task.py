@@ -1,10 +1,12 @@
 """What one SLURM array task runs: `python -m cluster.task MANIFEST`.
 
 It picks its point by SLURM_ARRAY_TASK_ID, records the SLURM job in the point's MLflow run, and runs it.
-USR2 (sent `signal_delay_s` before the time limit, or by `scancel --signal=USR2`) and SIGTERM
-(preemption) make the training loop write a checkpoint at the next step and stop; the task then requeues
-itself with `scontrol requeue` -- at most `max_requeues` times -- and the requeued task resumes from that
-checkpoint into the same MLflow run.
+USR2 (sent `signal_delay_s` before the time limit, or by `scancel --signal=USR2`) makes the training
+loop write a checkpoint at the next step and stop; the task then requeues itself with `scontrol requeue`
+-- at most `max_requeues` times -- and the requeued task resumes from that checkpoint into the same MLflow
+run. SIGTERM (preemption, an external `scontrol requeue`, scancel) also checkpoints at the next step if
+the grace time allows, but leaves the requeue decision to SLURM; a job killed outright resumes from its
+latest periodic checkpoint, still bit-for-bit.
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def main(manifest_path: str) -> int:
                   should_stop=lambda: stop["signal"] is not None, phase=manifest["phase"])
     except Preempted as e:
         if rank != 0:
+            return 0
+        if stop["signal"] == "SIGTERM":
+            # Preemption, `scontrol requeue` or scancel: SLURM itself decides whether the job comes back.
+            print(f"[mimsweep] {e}; leaving the requeue to SLURM", flush=True)
             return 0
         if restarts >= manifest["max_requeues"]:
             log.tag("failure", f"stopped by {stop['signal']} after {restarts} requeue(s): {e}")

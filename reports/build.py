@@ -21,9 +21,11 @@ import pandas as pd  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from core.config import CONFIG_DIR, SEARCHPATH, ConfigError  # noqa: E402
+from reports.table import Report  # noqa: E402
 
 EXIT = {"code": 0}  # hydra.main drops the task's return value, so the exit code travels through here
 REPORT_ONLY = ("report_dir",)  # overrides of this script that the launcher must not be given back
+VARIES = "varies"  # a caption value that differs between the points (it is what the sweep sweeps)
 
 
 class NothingToReport(Exception):
@@ -91,9 +93,8 @@ def describe(planned: list) -> str:
 
     def value(key: str):
         vals = {str(OmegaConf.select(pl.cfg, key)) for pl in planned}
-        return vals.pop() if len(vals) == 1 else "varies"
+        return vals.pop() if len(vals) == 1 else VARIES
 
-    c = planned[0].cfg
     n_train, n_test = value("data.train_limit"), value("data.test_limit")
     steps = value("pretrain.max_steps")
     parts = [
@@ -102,11 +103,12 @@ def describe(planned: list) -> str:
         f"method {value('method.name')}",
         f"{value('data.name')} ({'all' if n_train == 'None' else n_train} train / "
         f"{'all' if n_test == 'None' else n_test} test images)",
-        f"{value('pretrain.epochs')} epoch(s)" + ("" if steps == "None" else f", at most {steps} steps")
+        ("epochs swept" if value("pretrain.epochs") == VARIES else f"{value('pretrain.epochs')} epoch(s)")
+        + ("" if steps == "None" else f", at most {steps} steps")
         + f", batch {value('pretrain.batch_size')}",
     ]
     if any(pl.cfg.method.target == "teacher" for pl in planned):
-        parts.append(f"teacher {c.teacher.model} ({value('teacher.pretrained')})")
+        parts.append(f"teacher {value('teacher.model')} ({value('teacher.pretrained')})")
     else:
         parts.append(f"target {value('method.target')}")
     parts.append(f"top-1 % on frozen {value('evaluate.pool')}-pooled features "
@@ -114,19 +116,19 @@ def describe(planned: list) -> str:
     return "; ".join(parts) + "."
 
 
-def write(report, out_dir: Path) -> list[Path]:
+def write(rep: Report, out_dir: Path) -> list[Path]:
     from reports import table
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = table.plot(report)
-    files = {"md": table.to_markdown(report), "tex": table.to_latex(report), "csv": table.to_csv(report),
-             "html": table.to_html(report, png)}
+    png = table.plot(rep)
+    files = {"md": table.to_markdown(rep), "tex": table.to_latex(rep), "csv": table.to_csv(rep),
+             "html": table.to_html(rep, png)}  # the page embeds the PNG: it can be mailed on its own
     paths = []
     for ext, text in files.items():
-        p = out_dir / f"{report.name}.{ext}"
+        p = out_dir / f"{rep.name}.{ext}"
         p.write_text(text, encoding="utf-8")
         paths.append(p)
-    p = out_dir / f"{report.name}.png"
+    p = out_dir / f"{rep.name}.png"
     p.write_bytes(png)
     return paths + [p]
 

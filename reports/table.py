@@ -92,9 +92,11 @@ def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0,
     frame = agg.set_axis(grid).reindex(grid + extra).join(paper)
     frame.index.name = "label"
     default = rep.get("default")
-    return Report(name=str(spec.get("name", "sweep")), title=str(rep.get("title") or spec.get("title") or spec.get("name")),
+    return Report(name=str(spec.get("name", "sweep")),
+                  title=str(rep.get("title") or spec.get("title") or spec.get("name")),
                   row_title=str(rep.get("row_title") or "setting"), frame=frame, grid_labels=grid,
-                  default=None if default is None else str(default), source=str((rep.get("reference") or {}).get("source") or ""),
+                  default=None if default is None else str(default),
+                  source=str((rep.get("reference") or {}).get("source") or ""),
                   caption=caption, missing=missing, expected=expected, run_command=run_command)
 
 
@@ -121,9 +123,14 @@ class Style:
     missing: str = MISSING
 
 
-def _num(v: float, paper: bool) -> str:
-    # The paper's numbers keep the precision they were printed with (84.8 stays 84.8, not 84.80).
-    return f"{v:g}" if paper else f"{v:.{DECIMALS}f}"
+def _num(v: float, decimals: int = DECIMALS) -> str:
+    return f"{v:.{decimals}f}"
+
+
+def paper_decimals(values: pd.Series) -> int:
+    """The decimals the paper printed a column with (84.8 stays 84.8, 43.0 stays 43.0, not 84.80 / 43)."""
+    shortest = [repr(float(v)) for v in values.dropna()]
+    return max((len(r.split(".")[1]) for r in shortest if "." in r and "e" not in r), default=0)
 
 
 def headers(report: Report) -> list[str]:
@@ -134,6 +141,7 @@ def headers(report: Report) -> list[str]:
 def cells(report: Report, style: Style) -> list[list[str]]:
     """The table body as strings, one list per row, in `headers` order."""
     f, is_best = report.frame, best(report)
+    decimals = {col: paper_decimals(f[col]) for col in report.paper_columns}
     rows = []
     for label in f.index:
         ours = label in report.grid_labels
@@ -147,13 +155,14 @@ def cells(report: Report, style: Style) -> list[list[str]]:
             elif pd.isna(mean):
                 text = style.missing               # our point, not (yet) finished
             else:
-                text = _num(mean, False) + ("" if pd.isna(std) else style.pm + _num(std, False))
+                text = _num(mean) + ("" if pd.isna(std) else style.pm + _num(std))
                 text = style.bold(text) if is_best.at[label, f"{m}_mean"] else text
             row.append(text)
         row.append(str(int(f.at[label, "n"])) if ours else "")
         for col in report.paper_columns:
             v = f.at[label, col]
-            row.append("" if pd.isna(v) else style.bold(_num(v, True)) if is_best.at[label, col] else _num(v, True))
+            text = "" if pd.isna(v) else _num(v, decimals[col])
+            row.append(style.bold(text) if text and is_best.at[label, col] else text)
         rows.append(row)
     return rows
 
@@ -229,7 +238,8 @@ def to_latex(report: Report) -> str:
     lines.append("\\midrule")
     lines += [" & ".join(r) + " \\\\" for r in body]
     lines += ["\\bottomrule", "\\end{tabular}"]
-    lines += ["\\par\\smallskip{\\footnotesize " + " ".join(notes(report, latex_escape, lambda c: f"\\texttt{{{c}}}")) + "}"]
+    foot = notes(report, latex_escape, lambda c: f"\\texttt{{{c}}}")
+    lines.append("\\par\\smallskip{\\footnotesize " + " ".join(foot) + "}")
     lines.append("\\end{table}")
     return "\n".join(lines) + "\n"
 

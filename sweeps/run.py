@@ -21,12 +21,15 @@ def main(cfg: DictConfig) -> int:
     from cluster.launch import launch
 
     try:
-        return launch(cfg, list(HydraConfig.get().overrides.task))
+        code = launch(cfg, list(HydraConfig.get().overrides.task))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    if code:  # hydra.main drops the return value: exit here so scripts and CI see the failure
+        sys.exit(code)
+    return 0
 
 
 if __name__ == "__main__":
     sys.argv.insert(1, SEARCHPATH)
-    sys.exit(main())
+    main()

@@ -46,3 +46,54 @@ def run_cli(*args: str, cwd=REPO, env=None, timeout=600) -> subprocess.Completed
 
 # The smallest real configuration: the embedded data, vit_micro, a handful of steps.
 TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "evaluate.floor=false"]
+
+
+def _need(tool_ok: bool, what: str, how: str):
+    """Tests needing a real service: skip on a laptop without it, fail in CI (CI must provide it)."""
+    if tool_ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but missing: {how}")
+    pytest.skip(f"{what} missing: {how}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    import shutil
+    ok = shutil.which("sbatch") is not None and subprocess.run(
+        ["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+    _need(ok, "a SLURM cluster", "run `bash cluster/local_slurm.sh up` (as root)")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (lean: one worker, no job runner)."""
+    import socket
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    _need(mlflow_bin.exists(), "the mlflow CLI", "pip install mlflow")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(uri + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"mlflow server did not come up; see {root / 'server.log'}")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)

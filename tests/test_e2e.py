@@ -70,3 +70,24 @@ def test_a_failed_point_is_the_only_one_redone(tmp_path):
                            "{label:all,overrides:[method.recon_range=all]}]", "~sweep.grid")
     assert "resume masked" in " ".join(again.stdout.split())
     assert "skip all" in " ".join(again.stdout.split())
+
+
+def test_report_rebuilds_the_table_from_mlflow(swept):
+    out, args, _ = swept
+    res = run_cli("reports/build.py", *args[1:])
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "%" in line.split("|")[1]]
+    assert [r.split("|")[1].strip() for r in rows] == ["60%", "75% (default)", "80%", "90%"]
+    assert "84.82" in rows[1] and "83.94" in rows[0]                 # the paper's column beside ours
+    for ext in ("md", "tex", "csv", "html", "png"):
+        assert (out / "reports" / "mcm_mask_ratio" / f"mcm_mask_ratio.{ext}").stat().st_size > 0
+    import pandas as pd
+    table = pd.read_csv(out / "reports" / "mcm_mask_ratio" / "mcm_mask_ratio.csv")
+    c = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = c.get_experiment_by_name("mcm_mask_ratio")
+    tracked = {r.data.tags["mimsweep.label"]: r.data.metrics["knn_top1"] for r in c.search_runs([exp.experiment_id])
+               if r.data.tags.get("mimsweep.kind") == "point"}
+    table = table.set_index(table.columns[0])
+    assert list(table.index[table["ours"]]) == ["60%", "75%", "80%", "90%"]
+    for label, knn in tracked.items():
+        assert table.loc[label, "knn_top1_mean"] == pytest.approx(knn, abs=1e-6)

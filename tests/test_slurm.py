@@ -1,0 +1,183 @@
+"""Against the real local SLURM cluster (cluster/local_slurm.sh) and a real MLflow server.
+
+A launch queues one array and returns; the tasks report into MLflow; a second launch submits nothing;
+a failing point is the only one resubmitted; a job signalled mid-training checkpoints, requeues and
+ends with exactly the metrics of an uninterrupted job; bad requests are refused before submission.
+"""
+import re
+import subprocess
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import TINY, run_cli
+
+pytestmark = pytest.mark.slurm
+# 2 cores here: one CPU and a little memory per task lets two tasks run side by side.
+SMALL = ["cluster=slurm", "cluster.cpus_per_task=1", "cluster.mem_gb=2", "cluster.time_min=20"]
+
+
+def _point_runs(uri, exp):
+    c = MlflowClient(uri)
+    e = c.get_experiment_by_name(exp)
+    runs = c.search_runs([e.experiment_id]) if e else []
+    return [r for r in runs if r.data.tags.get("mimsweep.kind") == "point"]
+
+
+def _wait_runs(uri, exp, n, statuses=("FINISHED", "FAILED"), timeout=600, release=True):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = _point_runs(uri, exp)
+        if len(runs) == n and all(r.info.status in statuses for r in runs):
+            return runs
+        if release:
+            _release_requeued()
+        time.sleep(3)
+    pytest.fail(f"runs of {exp} did not end in {timeout}s: {[(r.data.tags.get('mimsweep.label'), r.info.status) for r in _point_runs(uri, exp)]}")
+
+
+def _release_requeued():
+    """SLURM holds a requeued job ~2 min (BeginTime); a test has no reason to wait for that."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %r"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        jid, _, reason = line.partition(" ")
+        if reason.strip() == "BeginTime":
+            subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], capture_output=True)
+
+
+def _queued_ids(stdout):
+    m = re.search(r"array job\(s\): ([\d, ]+)", stdout)
+    return [j.strip() for j in m.group(1).split(",")] if m else []
+
+
+def test_smoke_sweep_runs_as_one_array_then_relaunch_submits_nothing(slurm_cluster, mlflow_server, tmp_path):
+    args = ["sweeps/run.py", "sweep=mcm_mask_ratio", *TINY, *SMALL, f"tracking.uri={mlflow_server}",
+            "tracking.experiment=slurm_e2e", f"output_root={tmp_path}"]
+    t0 = time.time()
+    first = run_cli(*args)
+    submit_s = time.time() - t0
+    assert first.returncode == 0, first.stdout + first.stderr
+    ids = _queued_ids(first.stdout)
+    assert len(ids) == 1, first.stdout                       # one array for the whole launch
+    print(f"submit took {submit_s:.1f}s, array {ids[0]}")
+
+    # while the array is still queued or running, a relaunch leaves it alone
+    during = run_cli(*args)
+    assert during.returncode == 0
+    assert "queued 0" not in during.stdout and not _queued_ids(during.stdout), during.stdout
+
+    runs = _wait_runs(mlflow_server, "slurm_e2e", 4)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["mimsweep.slurm_job_all"].split("_")[0] for r in runs} == {ids[0]}
+    assert all("knn_top1" in r.data.metrics for r in runs)
+
+    after = run_cli(*args)
+    assert after.returncode == 0
+    assert "nothing to do" in after.stdout and after.stdout.count("skip") == 4
+
+
+def test_only_the_failed_point_is_resubmitted(slurm_cluster, mlflow_server, tmp_path):
+    points = ("sweep.points=[{label:masked,overrides:[method.recon_range=masked,data.std=[1e-38]]},"
+              "{label:all,overrides:[method.recon_range=all]}]")
+    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", points, *TINY, *SMALL,
+            f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_retry", f"output_root={tmp_path}"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    runs = {r.data.tags["mimsweep.label"]: r for r in _wait_runs(mlflow_server, "slurm_retry", 2)}
+    assert runs["masked"].info.status == "FAILED" and runs["all"].info.status == "FINISHED"
+    again = run_cli(*args)
+    assert "queued 1 point(s)" in again.stdout, again.stdout
+    plan = " ".join(again.stdout.split())
+    assert "resume masked" in plan and "skip all" in plan
+
+
+def _wait_progress(uri, exp, at_least, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = _point_runs(uri, exp)
+        if runs and runs[0].data.metrics.get("progress", 0) >= at_least:
+            return runs[0]
+        time.sleep(1)
+    pytest.fail(f"{exp}: no progress >= {at_least} in {timeout}s")
+
+
+@pytest.mark.parametrize("interrupt", ["usr2", "scontrol_requeue"])
+def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_server, tmp_path, interrupt):
+    common = ["sweeps/run.py", *TINY, *SMALL, "pretrain.max_steps=40", "pretrain.log_every=2",
+              "pretrain.checkpoint_every=4", "method.target=norm_pixel", f"tracking.uri={mlflow_server}",
+              f"output_root={tmp_path}"]
+    ref = run_cli(*common, f"tracking.experiment=ref_{interrupt}")
+    hit = run_cli(*common, f"tracking.experiment=hit_{interrupt}")
+    assert ref.returncode == 0 and hit.returncode == 0, ref.stderr + hit.stderr
+    job = _queued_ids(hit.stdout)[0] + "_0"
+    run = _wait_progress(mlflow_server, f"hit_{interrupt}", 0.2)
+    if interrupt == "usr2":
+        subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job], check=True)
+    ref_run = _wait_runs(mlflow_server, f"ref_{interrupt}", 1)[0]
+    hit_run = _wait_runs(mlflow_server, f"hit_{interrupt}", 1)[0]
+    assert hit_run.info.run_id == run.info.run_id             # resumed into the same MLflow run
+    assert hit_run.info.status == "FINISHED"
+    assert int(hit_run.data.tags["mimsweep.slurm_restarts"]) >= 1
+    assert int(hit_run.data.tags.get("mimsweep.resumed_from_step", "0")) > 0
+    c = MlflowClient(mlflow_server)
+    for key in ("train_loss", "lr"):
+        h_ref = [(m.step, m.value) for m in c.get_metric_history(ref_run.info.run_id, key)]
+        h_hit = [(m.step, m.value) for m in c.get_metric_history(hit_run.info.run_id, key)]
+        assert h_hit == h_ref, key                            # every step once, same values
+    for key in ("knn_top1", "linear_top1"):
+        assert hit_run.data.metrics[key] == ref_run.data.metrics[key], key
+    print(f"{interrupt}: job {job}, restarts {hit_run.data.tags['mimsweep.slurm_restarts']}, resumed from step "
+          f"{hit_run.data.tags['mimsweep.resumed_from_step']}, final loss {hit_run.data.metrics['train_loss']}")
+
+
+def test_dry_run_prints_the_array_script_and_submits_nothing(slurm_cluster, tmp_path):
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    res = run_cli("sweeps/run.py", "sweep=mcm_decoder_depth", "preset=smoke", *SMALL, "cluster.array_parallelism=2",
+                  "dry_run=true", f"output_root={tmp_path}")
+    assert res.returncode == 0, res.stderr
+    assert "#SBATCH --array=0-3%2" in res.stdout
+    assert "#SBATCH --signal=B:USR2@120" in res.stdout and "-m cluster.task" in res.stdout
+    assert "1 sbatch call(s) for 4 point(s)" in res.stdout
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+
+
+def test_separate_evaluation_array_is_chained_per_task(slurm_cluster, tmp_path):
+    res = run_cli("sweeps/run.py", "sweep=mcm_decoder_depth", "preset=smoke", *SMALL, "cluster.separate_eval=true",
+                  "dry_run=true", f"output_root={tmp_path}")
+    assert res.returncode == 0, res.stderr
+    assert "2 sbatch call(s) for 4 point(s)" in res.stdout
+    assert "--dependency=aftercorr:" in res.stdout and "--kill-on-invalid-dep=yes" in res.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cluster.partition=nosuchpart", "cluster.partition='nosuchpart' is invalid"),
+    ("cluster.mem_gb=100000", "the scheduler rejects this resource request"),
+])
+def test_impossible_requests_are_refused_before_submission(slurm_cluster, tmp_path, override, message):
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", *SMALL, override,
+                  f"output_root={tmp_path}")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+
+
+def test_missing_sbatch_is_refused(tmp_path):
+    import os
+    import sys
+    env = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin/nonexistent"}
+    res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", "cluster=slurm",
+                  f"output_root={tmp_path}", env=env)
+    assert res.returncode == 2
+    assert "`sbatch` is not on PATH" in res.stderr
+
+
+def test_unreachable_tracking_server_is_refused(tmp_path):
+    res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", "tracking.uri=http://127.0.0.1:9",
+                  f"output_root={tmp_path}", env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "tracking.uri='http://127.0.0.1:9' is invalid: the MLflow store cannot be reached" in res.stderr
