@@ -19,8 +19,11 @@ Notes on the numbers:
   work (norms, GELU, the optimiser) counts zero. "train" FLOPs = student forward + backward + teacher
   forward. PyTorch's counter has no formula for the fused CPU attention kernel, so one is added here
   (the standard SDPA formula); without it attention would count zero on CPU.
-- The matmul reference is torch.mm of two N x N matrices (default 2048), run for ~1 s, best of 3.
-  It is this machine's practical peak for that op, not the vendor's datasheet figure.
+- The matmul reference is torch.mm of two N x N matrices (default 2048, fp32 or bf16 as --precision),
+  run for ~1 s, best of 3, once before and once after the points; the higher rate is used. It is this
+  machine's practical peak for that op, not the vendor's datasheet figure.
+- Step and target times are medians over the timed steps, so one step slowed by another process on a
+  shared machine does not skew a row; the header prints the load average to judge that.
 
     python bench/throughput.py                                   # micro/tiny/small, mae+mcm, both targets
     python bench/throughput.py --models vit_base --steps 2        # ViT-B/16 (slow on CPU)
@@ -33,12 +36,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -156,29 +161,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(p: Point, steps: int, warmup: int) -> tuple[float, float]:
-    """-> (mean seconds per step, mean seconds of the target phase) over `steps` after `warmup` steps."""
-    device = p.imgs.device
+class Stopwatch:
+    """Context manager adding the wall time of each use to `laps` (syncs CUDA on entry and exit)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.laps = device, []
+
+    def __enter__(self):
+        sync(self.device)
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.laps.append(time.perf_counter() - self.t)
+
+
+def time_steps(p: Point, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """-> (seconds of each step, seconds of its target phase) for `steps` steps after `warmup` steps.
+
+    Each step is timed alone (the training loop syncs every step anyway: the loss finiteness check),
+    so the caller can take a median that shrugs off a step slowed by another process."""
     for _ in range(warmup):
         train_step(p)
-    target_s = 0.0
-
-    class TargetTimer:  # times the target phase inside the step (a sync on CUDA, free on CPU)
-        def __enter__(self):
-            sync(device)
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            nonlocal target_s
-            sync(device)
-            target_s += time.perf_counter() - self.t
-
-    sync(device)
-    start = time.perf_counter()
+    step_watch, target_watch = Stopwatch(p.imgs.device), Stopwatch(p.imgs.device)
     for _ in range(steps):
-        train_step(p, target_ctx=TargetTimer())
-    sync(device)
-    return (time.perf_counter() - start) / steps, target_s / steps
+        with step_watch:
+            train_step(p, target_ctx=target_watch)
+    return step_watch.laps, target_watch.laps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,10 +236,11 @@ class Result:
     peak_tflops: float
     ratio: float
     peak_mem_mib: float | None
+    step_laps_ms: list[float]
 
 
-def run_point(method: str, model: str, target: str, args, device: torch.device, peak: float,
-              teachers: dict) -> Result:
+def run_point(method: str, model: str, target: str, args, device: torch.device, teachers: dict) -> Result:
+    """Build, count and time one point; the peak columns are filled in by `with_peak` at the end."""
     batch = args.batch or pick(DEFAULT_BATCH[device.type], model)
     steps = args.steps or pick(DEFAULT_STEPS, model)
     cfg = compose_point(method, model, target, batch, args.precision, args.override)
@@ -245,7 +255,8 @@ def run_point(method: str, model: str, target: str, args, device: torch.device, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     student_flops, teacher_flops = count_flops(p)  # a real step: the first of the warm-up steps
-    step_s, target_s = time_steps(p, steps, warmup=WARMUP_STEPS - 1)
+    step_laps, target_laps = time_steps(p, steps, warmup=WARMUP_STEPS - 1)
+    step_s, target_s = statistics.median(step_laps), statistics.median(target_laps)
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     total = student_flops + teacher_flops
     achieved = total / step_s
@@ -255,7 +266,11 @@ def run_point(method: str, model: str, target: str, args, device: torch.device, 
         torch.cuda.empty_cache()
     return Result(method, model, target, batch, steps, batch / step_s, step_s * 1e3, target_s * 1e3,
                   student_flops / batch / 1e9, teacher_flops / batch / 1e9, total / batch / 1e9,
-                  achieved / 1e12, peak / 1e12, achieved / peak, mem)
+                  achieved / 1e12, math.nan, math.nan, mem, [t * 1e3 for t in step_laps])
+
+
+def with_peak(r: Result, peak: float) -> Result:
+    return replace(r, peak_tflops=peak / 1e12, ratio=r.achieved_tflops * 1e12 / peak)
 
 
 COLUMNS = [  # (header, format of one Result)
@@ -335,35 +350,40 @@ def main(argv=None) -> list[Result]:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
-    threads = args.threads or os.cpu_count()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads or os.cpu_count())
     mm_dtype = AMP_DTYPES[args.precision] or torch.float32
+    mm_name = f"torch.mm {args.matmul_size}x{args.matmul_size} {str(mm_dtype).split('.')[-1]}"
 
     print(f"torch {torch.__version__} | device {args.device}: {device_name(device)} | threads "
           f"{torch.get_num_threads()} | precision {args.precision} | load average {load_average()}", flush=True)
-    peak = matmul_peak(device, mm_dtype, args.matmul_size)
-    print(f"matmul reference: torch.mm {args.matmul_size}x{args.matmul_size} {str(mm_dtype).split('.')[-1]} "
-          f"= {peak / 1e12:.3f} TFLOP/s (best of 3 x ~1 s)", flush=True)
+    peak_before = matmul_peak(device, mm_dtype, args.matmul_size)
+    print(f"matmul reference before: {mm_name} = {peak_before / 1e12:.3f} TFLOP/s (best of 3 x ~1 s)", flush=True)
 
     results, teachers, t0 = [], {}, time.perf_counter()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for method in args.methods:
             for model in args.models:
                 for target in args.targets:
-                    r = run_point(method, model, target, args, device, peak, teachers)
+                    r = run_point(method, model, target, args, device, teachers)
                     results.append(r)
                     print(f"  {method:4s} {model:10s} {target:10s} {r.img_per_s:9.1f} img/s "
                           f"{r.step_ms:8.1f} ms/step", flush=True)
     wall = time.perf_counter() - t0
 
-    print()
+    # Measured again after the points; the higher rate is the reference, so a busy machine during one
+    # of the two measurements does not inflate the ratios.
+    peak_after = matmul_peak(device, mm_dtype, args.matmul_size)
+    peak = max(peak_before, peak_after)
+    results = [with_peak(r, peak) for r in results]
+    print(f"matmul reference after:  {mm_name} = {peak_after / 1e12:.3f} TFLOP/s; using {peak / 1e12:.3f}\n")
     print(format_table(results))
-    print(f"\n{len(results)} points in {wall:.0f} s (load average now {load_average()}); FLOPs: matmul/conv/attention only (2 per MAC), "
-          f"'target ms' = target computation (teacher forward) within the step.")
+    print(f"\n{len(results)} points in {wall:.0f} s (load average now {load_average()}). Step and target times are "
+          f"medians over the timed steps; 'target ms' is the target computation (teacher forward) inside the "
+          f"step. FLOPs: matmul/conv/attention only, 2 per multiply-add.")
     if args.json:
         env = {"torch": torch.__version__, "device": args.device, "device_name": device_name(device),
-               "threads": torch.get_num_threads(), "precision": args.precision,
-               "matmul_size": args.matmul_size, "matmul_peak_tflops": peak / 1e12,
+               "threads": torch.get_num_threads(), "precision": args.precision, "matmul": mm_name,
+               "matmul_tflops_before": peak_before / 1e12, "matmul_tflops_after": peak_after / 1e12,
                "warmup_steps": WARMUP_STEPS, "overrides": args.override, "wall_s": wall,
                "load_average_end": load_average()}
         args.json.parent.mkdir(parents=True, exist_ok=True)

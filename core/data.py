@@ -33,8 +33,8 @@ class Split:
 
 class TensorImages(Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)  # [N, 1, H, W] uint8
-        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.images = torch.from_numpy(np.array(images, copy=True)).unsqueeze(1)  # [N, 1, H, W] uint8
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
 
     def __len__(self):
         return len(self.labels)

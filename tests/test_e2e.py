@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import FAILING_POINTS, TINY, run_cli
 
 
 def _runs(uri, exp_name, kind):
@@ -58,16 +58,14 @@ def test_a_failed_point_is_the_only_one_redone(tmp_path):
     out = tmp_path
     # The 90% point's inputs overflow (data.std tiny only there): its loss is not finite.
     base = ["sweeps/run.py", "sweep=mcm_recon_range", *TINY, f"output_root={out}"]
-    bad = run_cli(*base, "sweep.points=[{label:masked,overrides:[method.recon_range=masked,data.std=[1e-38]]},"
-                         "{label:all,overrides:[method.recon_range=all]}]", "~sweep.grid")
+    bad = run_cli(*base, FAILING_POINTS, "~sweep.grid")
     assert bad.returncode == 1, bad.stdout + bad.stderr
     uri = f"sqlite:///{out}/mlflow.db"
     runs = {r.data.tags["mimsweep.label"]: r for r in _runs(uri, "mcm_recon_range", "point")}
     assert runs["masked"].info.status == "FAILED"
     assert "non-finite loss" in runs["masked"].data.tags["mimsweep.failure"]
     assert runs["all"].info.status == "FINISHED"
-    again = run_cli(*base, "sweep.points=[{label:masked,overrides:[method.recon_range=masked,data.std=[1e-38]]},"
-                           "{label:all,overrides:[method.recon_range=all]}]", "~sweep.grid")
+    again = run_cli(*base, FAILING_POINTS, "~sweep.grid")
     assert "resume masked" in " ".join(again.stdout.split())
     assert "skip all" in " ".join(again.stdout.split())
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import FAILING_POINTS, TINY, run_cli
 
 pytestmark = pytest.mark.slurm
 # 2 cores here: one CPU and a little memory per task lets two tasks run side by side.
@@ -78,9 +78,7 @@ def test_smoke_sweep_runs_as_one_array_then_relaunch_submits_nothing(slurm_clust
 
 
 def test_only_the_failed_point_is_resubmitted(slurm_cluster, mlflow_server, tmp_path):
-    points = ("sweep.points=[{label:masked,overrides:[method.recon_range=masked,data.std=[1e-38]]},"
-              "{label:all,overrides:[method.recon_range=all]}]")
-    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", points, *TINY, *SMALL,
+    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY, *SMALL,
             f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_retry", f"output_root={tmp_path}"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
