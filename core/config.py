@@ -24,6 +24,9 @@ RUN_ONLY = (
 )
 
 
+TARGET_KINDS = ("pixel", "norm_pixel", "teacher")  # see core/targets.py
+
+
 class ConfigError(ValueError):
     """A user mistake in the config: names the key, the bad value and what is allowed."""
 
@@ -85,10 +88,18 @@ def _number(cfg, key: str, lo=None, hi=None, lo_open=False, hi_open=False, integ
 
 def validate(cfg) -> None:
     """Raise ConfigError on the first bad value of a resolved point config."""
-    from core.targets import KINDS
+    m = cfg.model
+    for key in ("input_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        _number(cfg, f"model.{key}", 1, integer=True)
+    _check(m.input_size % m.patch_size == 0, "model.input_size", m.input_size,
+           f"must be a multiple of model.patch_size={m.patch_size}")
+    _check(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
+           f"must be divisible by model.num_heads={m.num_heads}")
+    _check(m.embed_dim % 4 == 0, "model.embed_dim", m.embed_dim, "must be a multiple of 4 (2-D sin-cos position embedding)")
+    _number(cfg, "model.drop_path", 0, 1, hi_open=True)
 
     _in(cfg, "method.name", ("mae", "mcm"))
-    _in(cfg, "method.target", KINDS)
+    _in(cfg, "method.target", TARGET_KINDS)
     _number(cfg, "method.mask_ratio", 0, 1, lo_open=True, hi_open=True)
     _number(cfg, "method.decoder_depth", 1, integer=True)
     _number(cfg, "method.decoder_dim", 1, integer=True)
@@ -105,16 +116,6 @@ def validate(cfg) -> None:
     else:
         keep = int(cfg.model.input_size // cfg.model.patch_size) ** 2 * (1 - cfg.method.mask_ratio)
         _check(int(keep) >= 1, "method.mask_ratio", cfg.method.mask_ratio, "must leave at least one visible patch")
-
-    m = cfg.model
-    for key in ("input_size", "patch_size", "embed_dim", "depth", "num_heads"):
-        _number(cfg, f"model.{key}", 1, integer=True)
-    _check(m.input_size % m.patch_size == 0, "model.input_size", m.input_size,
-           f"must be a multiple of model.patch_size={m.patch_size}")
-    _check(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
-           f"must be divisible by model.num_heads={m.num_heads}")
-    _check(m.embed_dim % 4 == 0, "model.embed_dim", m.embed_dim, "must be a multiple of 4 (2-D sin-cos position embedding)")
-    _number(cfg, "model.drop_path", 0, 1, hi_open=True)
 
     _in(cfg, "data.source", ("embedded", "fashion_mnist", "imagefolder"))
     _number(cfg, "data.channels", 1, integer=True)

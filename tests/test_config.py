@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from core.config import ConfigError, flatten, signature, validate
 from sweeps.grid import expand
@@ -96,8 +97,12 @@ def test_every_sweep_spec_expands_and_validates(compose):
         if spec_file.stem != "mcm_epochs":  # its paper rows are paper epochs, not ours
             assert labels == ref_rows, spec_file.name
         assert cfg.sweep.report.default in labels, spec_file.name
+        cache = {}
         for p in points:
-            validate(compose_point([], p))
+            fast = compose_point(["preset=smoke", "model.depth=3"], p, cache)
+            validate(fast)
+            full = compose("preset=smoke", "model.depth=3", *p.overrides)   # one full Hydra compose
+            assert OmegaConf.to_container(fast) == OmegaConf.to_container(full), (spec_file.name, p.label)
 
 
 def test_cli_reports_a_bad_value_without_traceback(tmp_path):

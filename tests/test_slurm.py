@@ -102,7 +102,7 @@ def _wait_progress(uri, exp, at_least, timeout=300):
 
 @pytest.mark.parametrize("interrupt", ["usr2", "scontrol_requeue"])
 def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_server, tmp_path, interrupt):
-    common = ["sweeps/run.py", *TINY, *SMALL, "pretrain.max_steps=40", "pretrain.log_every=2",
+    common = ["sweeps/run.py", *TINY, *SMALL, "pretrain.epochs=5", "pretrain.max_steps=40", "pretrain.log_every=2",
               "pretrain.checkpoint_every=4", "method.target=norm_pixel", f"tracking.uri={mlflow_server}",
               f"output_root={tmp_path}"]
     ref = run_cli(*common, f"tracking.experiment=ref_{interrupt}")
