@@ -138,9 +138,12 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- submission
-def submit(todo: list, cl, uri: str, root: Path, sweep: str, dry_run: bool = False) -> list[dict]:
-    """Queue `todo` as array(s); returns [{'job_id', 'phase', 'tasks', 'script'}] (no job_id when dry)."""
-    max_array = 1001 if dry_run and shutil.which("sbatch") is None else preflight(cl)
+def submit(todo: list, cl, uri: str, root: Path, sweep: str, dry_run: bool = False,
+           max_array: int | None = None) -> list[dict]:
+    """Queue `todo` as array(s) of at most MaxArraySize tasks each (asked of the cluster unless given);
+    returns [{'job_id', 'phase', 'tasks', 'script'}] (no job_id when dry)."""
+    if max_array is None:
+        max_array = 1001 if dry_run and shutil.which("sbatch") is None else preflight(cl)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     slurm_dir = root / "slurm" / stamp
     log_dir = slurm_dir / "logs"

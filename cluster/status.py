@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,14 +81,23 @@ def tail(rows, label: str, cfg, lines: int = 30) -> None:
             print(f"{pl.point.label}: no SLURM job recorded for this point")
 
 
-def cancel(rows, label: str, uri: str) -> None:
+def cancel(rows, label: str, uri: str, wait_s: float = 120) -> None:
+    """scancel the live tasks, wait until they have left the queue (a task checkpoints and writes its last
+    MLflow update on SIGTERM), then mark the runs KILLED, so that nothing the task wrote comes after."""
+    from cluster.slurm import ACTIVE, queue_states
     from core import tracking
     c = tracking.client(uri)
-    for pl, run, jobs, states in _select(rows, label):
-        live = [j for j, s in zip(jobs, states) if s not in ("-", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")]
-        if live:
-            subprocess.run(["scancel", *live], check=False)
-            print(f"cancelled {pl.point.label}: {' '.join(live)}")
+    chosen = _select(rows, label)
+    live = [j for _, _, jobs, states in chosen for j, s in zip(jobs, states) if s in ACTIVE]
+    if live:
+        subprocess.run(["scancel", *live], check=False)
+        deadline = time.time() + wait_s
+        while time.time() < deadline and any(s in ACTIVE for s in queue_states(live).values()):
+            time.sleep(1)
+    for pl, run, jobs, states in chosen:
+        mine = [j for j in jobs if j in live]
+        if mine:
+            print(f"cancelled {pl.point.label}: {' '.join(mine)}")
         if run and run.info.status in ("RUNNING", "SCHEDULED"):
             c.set_tag(run.info.run_id, tracking.TAG + "failure", "cancelled by the user")
             c.set_terminated(run.info.run_id, "KILLED")

@@ -46,6 +46,10 @@ def _release_requeued():
             subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], capture_output=True)
 
 
+def _job_ids() -> set:
+    return set(subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True).stdout.split())
+
+
 def _queued_ids(stdout):
     m = re.search(r"array job\(s\): ([\d, ]+)", stdout)
     return [j.strip() for j in m.group(1).split(",")] if m else []
@@ -132,14 +136,14 @@ def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_se
 
 
 def test_dry_run_prints_the_array_script_and_submits_nothing(slurm_cluster, tmp_path):
-    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    before = _job_ids()
     res = run_cli("sweeps/run.py", "sweep=mcm_decoder_depth", "preset=smoke", *SMALL, "cluster.array_parallelism=2",
                   "dry_run=true", f"output_root={tmp_path}")
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --array=0-3%2" in res.stdout
     assert "#SBATCH --signal=B:USR2@120" in res.stdout and "-m cluster.task" in res.stdout
     assert "1 sbatch call(s) for 4 point(s)" in res.stdout
-    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+    assert _job_ids() <= before                              # no new job (earlier ones may have ended)
 
 
 def test_separate_evaluation_array_is_chained_per_task(slurm_cluster, tmp_path):
@@ -155,12 +159,12 @@ def test_separate_evaluation_array_is_chained_per_task(slurm_cluster, tmp_path):
     ("cluster.mem_gb=100000", "the scheduler rejects this resource request"),
 ])
 def test_impossible_requests_are_refused_before_submission(slurm_cluster, tmp_path, override, message):
-    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    before = _job_ids()
     res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", *SMALL, override,
                   f"output_root={tmp_path}")
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
-    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+    assert _job_ids() <= before                              # no new job (earlier ones may have ended)
 
 
 def test_missing_sbatch_is_refused(tmp_path):
@@ -179,3 +183,40 @@ def test_unreachable_tracking_server_is_refused(tmp_path):
                                                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
     assert res.returncode == 2, res.stdout + res.stderr
     assert "tracking.uri='http://127.0.0.1:9' is invalid: the MLflow store cannot be reached" in res.stderr
+
+
+def test_grids_larger_than_max_array_size_are_split(compose, tmp_path):
+    from cluster.launch import Planned
+    from cluster.slurm import submit
+    from sweeps.grid import Point
+    cfg = compose("cluster=slurm")
+    todo = [Planned(Point(str(i), 0, []), cfg, f"sig{i}", run_id=f"{i:032d}") for i in range(7)]
+    arrays = submit(todo, cfg.cluster, "sqlite:///x.db", tmp_path, "s", dry_run=True, max_array=4)
+    assert [a["tasks"] for a in arrays] == [3, 3, 1]        # indices 0..MaxArraySize-1, here 0..2
+    assert "#SBATCH --array=0-2%3" in arrays[0]["script"] and "#SBATCH --array=0-0%1" in arrays[2]["script"]
+
+
+def test_status_tail_and_cancel(slurm_cluster, mlflow_server, tmp_path):
+    args = ["sweep=mcm_masking_strategy", *TINY, *SMALL, "pretrain.epochs=50", "pretrain.max_steps=400",
+            "pretrain.checkpoint_every=2", "pretrain.log_every=2", f"tracking.uri={mlflow_server}",
+            "tracking.experiment=slurm_status", f"output_root={tmp_path}"]
+    launched = run_cli("sweeps/run.py", *args)
+    assert launched.returncode == 0, launched.stderr
+    job = _queued_ids(launched.stdout)[0]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = run_cli("cluster/status.py", *args)
+        if "RUNNING" in status.stdout and "%" in status.stdout.split("progress", 1)[1]:
+            break
+        time.sleep(2)
+    assert status.returncode == 0, status.stderr
+    lines = {ln.split()[0]: ln for ln in status.stdout.splitlines() if ln.strip().startswith(("random", "block"))}
+    assert set(lines) == {"random", "block"} and f"{job}_" in status.stdout
+    tail = run_cli("cluster/status.py", *args, "--tail", "random")
+    assert f"{job}_0.out" in tail.stdout and "[mimsweep] random" in tail.stdout
+    cancel = run_cli("cluster/status.py", *args, "--cancel", "all")
+    assert cancel.returncode == 0 and "cancelled" in cancel.stdout
+    time.sleep(3)
+    left = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout
+    assert left.strip() == ""
+    assert {r.info.status for r in _point_runs(mlflow_server, "slurm_status")} == {"KILLED"}
