@@ -162,6 +162,9 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         from cluster.slurm import preflight
         preflight(cfg.cluster)
         skip_queued(planned)
+    if backend == "slurm" and uri.startswith("sqlite"):
+        print("note: SLURM tasks will write to a SQLite file. That is fine on one machine; on a cluster's shared "
+              "filesystem many writers corrupt it: use a tracking server (tracking.uri=http://HOST:5000).")
     print_plan(name, planned, uri)
     todo = [pl for pl in planned if pl.action in ("new", "resume")]
     root = Path(cfg.output_root).resolve() / "runs" / exp_name

@@ -220,3 +220,24 @@ def test_status_tail_and_cancel(slurm_cluster, mlflow_server, tmp_path):
     left = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout
     assert left.strip() == ""
     assert {r.info.status for r in _point_runs(mlflow_server, "slurm_status")} == {"KILLED"}
+
+
+def test_separate_evaluation_runs_after_its_own_pretraining_and_never_waits_on_a_failed_one(
+        slurm_cluster, mlflow_server, tmp_path):
+    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY, *SMALL,
+            "cluster.separate_eval=true", "cluster.eval.cpus_per_task=1", "cluster.eval.mem_gb=2",
+            f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_chain", f"output_root={tmp_path}"]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stdout + res.stderr
+    pre, ev = _queued_ids(res.stdout)
+    runs = {r.data.tags["mimsweep.label"]: r for r in _wait_runs(mlflow_server, "slurm_chain", 2)}
+    assert runs["all"].info.status == "FINISHED" and "knn_top1" in runs["all"].data.metrics
+    assert runs["all"].data.tags["mimsweep.slurm_job_evaluate"].startswith(ev + "_")
+    assert runs["masked"].info.status == "FAILED"
+    deadline = time.time() + 60   # the evaluation of the failed point is cancelled, not left pending
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", ev], capture_output=True,
+                                                    text=True).stdout.strip():
+        time.sleep(1)
+    states = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ev], capture_output=True,
+                            text=True).stdout
+    assert "CANCELLED" in states and "COMPLETED" in states, states
