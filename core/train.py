@@ -193,8 +193,6 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
             bar.close()
             raise Preempted(f"stopped at step {step}/{total} after a checkpoint")
     bar.close()
-    if ckpt is not None and step == total and resumed_from == total:
-        log.flush()
     wall = time.perf_counter() - t_start
     return {"steps": step, "total_steps": total, "resumed_from": resumed_from, "wall_s": wall,
             "img_per_s": n_total / wall if n_total else math.nan}

@@ -8,7 +8,7 @@ composes on top of the user's own command line; the row label is what the report
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
@@ -18,7 +18,6 @@ class Point:
     label: str                      # the report's row, e.g. "75%" or "teacher via channel"
     seed: int
     overrides: list[str]            # Hydra overrides of this point (fixed + swept + seed)
-    values: dict = field(default_factory=dict)  # swept key -> value, for grids
 
 
 def format_value(value, fmt: str | None) -> str:
@@ -41,7 +40,7 @@ def expand(spec) -> list[Point]:
     fixed = list(spec.get("fixed") or [])
     seeds = list(spec.get("seeds") or [0])
     fmt = (spec.get("report") or {}).get("row_format")
-    rows: list[tuple[str, list[str], dict]] = []
+    rows: list[tuple[str, list[str]]] = []
     if spec.get("grid") and spec.get("points"):
         raise ValueError(f"sweep {spec.get('name')}: give `grid` or `points`, not both")
     if spec.get("grid"):
@@ -50,11 +49,10 @@ def expand(spec) -> list[Point]:
             values = dict(zip(keys, combo))
             label = (format_value(combo[0], fmt) if len(keys) == 1
                      else ", ".join(f"{k.split('.')[-1]}={format_value(v, fmt)}" for k, v in values.items()))
-            rows.append((label, [f"{k}={_override_value(v)}" for k, v in values.items()], values))
+            rows.append((label, [f"{k}={_override_value(v)}" for k, v in values.items()]))
     elif spec.get("points"):
         for p in spec["points"]:
-            rows.append((str(p["label"]), list(p.get("overrides") or []), {}))
+            rows.append((str(p["label"]), list(p.get("overrides") or [])))
     else:
         raise ValueError(f"sweep {spec.get('name')}: declares neither `grid` nor `points`")
-    return [Point(label, seed, fixed + ovr + [f"seed={seed}"], values)
-            for label, ovr, values in rows for seed in seeds]
+    return [Point(label, seed, fixed + ovr + [f"seed={seed}"]) for label, ovr in rows for seed in seeds]

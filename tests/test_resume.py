@@ -43,10 +43,7 @@ def cfg(compose):
 def _run(cfg, ckpt, should_stop=lambda: False):
     split = load_split(cfg.data, "train")
     model, log = build_model(cfg), FlushedLog()
-    try:
-        pretrain(cfg, model, None, split, ckpt, log, torch.device("cpu"), should_stop)
-    finally:
-        pass
+    pretrain(cfg, model, None, split, ckpt, log, torch.device("cpu"), should_stop)
     return model, log
 
 
