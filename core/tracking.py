@@ -11,6 +11,7 @@ A point's signature finds its runs again: FINISHED ones are skipped by the next 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -40,6 +41,7 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@functools.lru_cache(maxsize=1)  # once per launch, not twice per point of a 1,000-point grid
 def git_state() -> tuple[str, bool]:
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
