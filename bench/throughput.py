@@ -55,9 +55,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from core.config import CONFIG_DIR, SEARCHPATH  # noqa: E402
-from core.targets import make_targets  # noqa: E402
 from core.teachers import build_teacher  # noqa: E402
-from core.train import build_model, build_optimizer  # noqa: E402
+from core.train import build_model, build_optimizer, schedule  # noqa: E402
+from core.train import train_step as core_train_step  # noqa: E402
 
 DEFAULT_MODELS = "vit_micro,vit_tiny,vit_small"  # vit_base: several minutes per point on 2 CPU cores
 DATA_FOR_MODEL = {"vit_micro": "fashion_mnist_embedded"}  # every other model: 224 px, 3 channels
@@ -114,38 +114,28 @@ class Point:
     mean: torch.Tensor
     std: torch.Tensor
     amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
 
 
 def build_point(cfg, teacher, device: torch.device, seed: int) -> Point:
     model = build_model(cfg, teacher).to(device).train()
-    lr = cfg.pretrain.base_lr * cfg.pretrain.batch_size / 256  # the linear scaling rule of core.train
+    lr = schedule(cfg, num_train=cfg.pretrain.batch_size)[2]  # the training loop's lr (linear scaling rule)
     optimizer = build_optimizer(model, cfg, lr)
     d, size = cfg.data, cfg.model.input_size
     gen = torch.Generator().manual_seed(seed)
     imgs = torch.rand(cfg.pretrain.batch_size, d.channels, size, size, generator=gen).to(device)
     mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
-    return Point(cfg, model, optimizer, teacher, imgs, mean, std, AMP_DTYPES[cfg.pretrain.precision])
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.pretrain.precision == "fp16")
+    return Point(cfg, model, optimizer, teacher, imgs, mean, std, AMP_DTYPES[cfg.pretrain.precision], scaler)
 
 
 def train_step(p: Point, target_ctx=None, student_ctx=None) -> None:
-    """Targets, forward, backward, AdamW step. The contexts wrap the two phases (FLOP counters)."""
-    cfg, device_type = p.cfg, p.imgs.device.type
-    x = (p.imgs - p.mean) / p.std
-    with target_ctx or nullcontext():
-        # Pixel targets come from the normalised input; a teacher sees the raw image (as core.train).
-        src = p.imgs if cfg.method.target == "teacher" else x
-        target = make_targets(cfg.method.target, src, cfg.model.patch_size, p.teacher)
-    with student_ctx or nullcontext():
-        with torch.autocast(device_type, dtype=p.amp_dtype, enabled=p.amp_dtype is not None):
-            loss, _ = p.model(x, target)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()}")
-        p.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    if cfg.pretrain.grad_clip:
-        nn.utils.clip_grad_norm_(p.model.parameters(), cfg.pretrain.grad_clip)
-    p.optimizer.step()
+    """core.train.train_step, the loop's own step; the contexts wrap its two phases (FLOP counters, timers)."""
+    loss = core_train_step(p.cfg, p.model, p.optimizer, p.scaler, p.imgs, p.mean, p.std, p.teacher, p.amp_dtype,
+                           target_ctx or nullcontext(), student_ctx or nullcontext())
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss is {loss.item()}")
 
 
 def count_flops(p: Point) -> tuple[int, int]:

@@ -9,6 +9,7 @@ The overrides select the same grid as the launch did (the signatures must match)
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ def gather(cfg, overrides: list[str]):
     runs = tracking.runs_by_signature(c, exp.experiment_id, name) if exp else {}
     launch.decide(planned, runs)
     jobs = [j for pl in planned for j in pl.slurm_jobs]
-    states = slurm.queue_states(jobs) if jobs and slurm.shutil.which("squeue") else {}
+    states = slurm.queue_states(jobs) if jobs and shutil.which("squeue") else {}
     rows = []
     for pl in planned:
         run = runs.get(pl.signature)

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +114,30 @@ def load_checkpoint(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 
 
-def _normalise(imgs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (imgs - mean) / std
+def train_step(cfg, net: nn.Module, opt, scaler, imgs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+               teacher=None, amp_dtype=None, target_ctx=nullcontext(), student_ctx=nullcontext()) -> torch.Tensor:
+    """One optimiser step on imgs: [B, C, H, W] in [0, 1]; returns the loss (detached).
+
+    The contexts wrap target computation and the student's forward/backward apart (bench/ counts FLOPs
+    of each). A non-finite loss skips the update and is returned for the caller to act on."""
+    x = (imgs - mean) / std
+    with target_ctx:
+        # Pixel targets come from the normalised input (as MAE); a teacher sees the raw image.
+        target = make_targets(cfg.method.target, imgs if cfg.method.target == "teacher" else x,
+                              cfg.model.patch_size, teacher)
+    with student_ctx:
+        with torch.autocast(imgs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, _ = net(x, target)
+        if not torch.isfinite(loss):
+            return loss.detach()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+    if cfg.pretrain.grad_clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(net.parameters(), cfg.pretrain.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
 
 
 def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, device: torch.device,
@@ -158,21 +181,9 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
     t_start, t_window, n_window, n_total = time.perf_counter(), time.perf_counter(), 0, 0
     for imgs, _ in loader:
         imgs = imgs.to(device, non_blocking=True)
-        x = _normalise(imgs, mean, std)
-        # Pixel targets come from the normalised input (as MAE); a teacher sees the raw image.
-        target = make_targets(cfg.method.target, imgs if cfg.method.target == "teacher" else x,
-                              cfg.model.patch_size, teacher)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, _ = net(x, target)
+        loss = train_step(cfg, net, opt, scaler, imgs, mean, std, teacher, amp_dtype)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at step {step + 1}")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if p.grad_clip:
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-        scaler.step(opt)
-        scaler.update()
         step += 1
         sched.step_update(step)
         n_window += imgs.shape[0] * world_size

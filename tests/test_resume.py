@@ -51,32 +51,24 @@ def _metrics(log):
     return sorted((k, s, v) for k, s, v in log.flushed if k != "throughput_img_s")
 
 
-def test_preempted_job_resumes_bit_for_bit(cfg, tmp_path):
-    ref, ref_log = _run(cfg, tmp_path / "ref.pt")
-
-    log_a = FlushedLog()
-    with pytest.raises(Preempted):
-        pretrain(cfg, build_model(cfg), None, load_split(cfg.data, "train"), tmp_path / "job.pt", log_a,
-                 torch.device("cpu"), _stop_after(5))
-    assert torch.load(tmp_path / "job.pt", weights_only=False)["step"] == 5
-    resumed, log_b = _run(cfg, tmp_path / "job.pt")
-
-    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert _metrics(ref_log) == sorted(_metrics(log_a) + _metrics(log_b))
-
-
-def test_crashed_job_restarts_from_its_last_checkpoint_bit_for_bit(cfg, tmp_path):
+@pytest.mark.parametrize("how, raises, checkpoint_step", [
+    # USR2-style stop: a checkpoint is written at the stop step, then Preempted
+    ("stopped", Preempted, 5),
+    # a crash at step 5: no checkpoint, the metric buffer is lost, restart from the step-3 checkpoint
+    ("crashed", RuntimeError, 3),
+])
+def test_interrupted_job_resumes_bit_for_bit(cfg, tmp_path, how, raises, checkpoint_step):
     ref, ref_log = _run(cfg, tmp_path / "ref.pt")
     log_a = FlushedLog()
-    with pytest.raises(RuntimeError, match="node died"):  # dies at step 5: no checkpoint, buffer lost
+    stop = _stop_after(5) if how == "stopped" else _stop_after(5, RuntimeError("node died"))
+    with pytest.raises(raises):
         pretrain(cfg, build_model(cfg), None, load_split(cfg.data, "train"), tmp_path / "job.pt", log_a,
-                 torch.device("cpu"), _stop_after(5, RuntimeError("node died")))
-    assert torch.load(tmp_path / "job.pt", weights_only=False)["step"] == 3
+                 torch.device("cpu"), stop)
+    assert torch.load(tmp_path / "job.pt", weights_only=False)["step"] == checkpoint_step
     resumed, log_b = _run(cfg, tmp_path / "job.pt")
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    # what reached the tracker before the crash plus after the restart = the uninterrupted history
+    # what reached the tracker before the interruption plus after the restart = the uninterrupted history
     assert _metrics(ref_log) == sorted(_metrics(log_a) + _metrics(log_b))
 
 
