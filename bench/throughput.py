@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from core import method as methods  # noqa: E402
 from core.config import CONFIG_DIR, SEARCHPATH  # noqa: E402
 from core.teachers import build_teacher  # noqa: E402
 from core.train import build_model, build_optimizer, schedule  # noqa: E402
@@ -132,9 +133,11 @@ def build_point(cfg, teacher, device: torch.device, seed: int) -> Point:
 
 def train_step(p: Point, target_ctx=None, student_ctx=None) -> None:
     """core.train.train_step, the loop's own step; the contexts wrap its two phases (FLOP counters, timers)."""
-    loss = core_train_step(p.cfg, p.model, p.optimizer, p.scaler, p.imgs, p.mean, p.std, p.teacher, p.amp_dtype,
-                           target_ctx or nullcontext(), student_ctx or nullcontext())
-    if not torch.isfinite(loss):
+    p.model.seed(0)
+    loss, finite = core_train_step(p.model, p.model, p.optimizer, p.scaler, p.imgs, p.mean, p.std, p.teacher,
+                                   p.amp_dtype, p.cfg.pretrain.grad_clip, 1, target_ctx or nullcontext(),
+                                   student_ctx or nullcontext())
+    if not finite:
         raise RuntimeError(f"loss is {loss.item()}")
 
 
@@ -235,7 +238,7 @@ def run_point(method: str, model: str, target: str, args, device: torch.device, 
     steps = args.steps or pick(DEFAULT_STEPS, model)
     cfg = compose_point(method, model, target, batch, args.precision, args.override)
     teacher = None
-    if target == "teacher":
+    if methods.get(cfg.method.name).teacher_request(cfg) is not None:
         from omegaconf import OmegaConf
         key = OmegaConf.to_yaml(cfg.teacher)
         if key not in teachers:  # one teacher per teacher config, shared by every point

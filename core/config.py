@@ -24,9 +24,6 @@ RUN_ONLY = (
 )
 
 
-TARGET_KINDS = ("pixel", "norm_pixel", "teacher")  # see core/targets.py
-
-
 class ConfigError(ValueError):
     """A user mistake in the config: names the key, the bad value and what is allowed."""
 
@@ -60,17 +57,21 @@ def signature(cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _check(ok: bool, key: str, value, allowed: str, hint: str = "") -> None:
+def check(ok: bool, key: str, value, allowed: str, hint: str = "") -> None:
     if not ok:
         raise ConfigError(key, value, allowed, hint)
 
 
-def _in(cfg, key: str, choices) -> None:
+def check_in(cfg, key: str, choices) -> None:
     v = OmegaConf.select(cfg, key)
-    _check(v in choices, key, v, "must be one of " + ", ".join(map(str, choices)))
+    check(v in choices, key, v, "must be one of " + ", ".join(map(str, choices)))
 
 
-def _number(cfg, key: str, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, optional=False):
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_number(cfg, key: str, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, optional=False):
     v = OmegaConf.select(cfg, key)
     if v is None and optional:
         return
@@ -80,108 +81,115 @@ def _number(cfg, key: str, lo=None, hi=None, lo_open=False, hi_open=False, integ
         rng = f" in {'(' if lo_open else '['}{lo if lo is not None else '-inf'}, " \
               f"{hi if hi is not None else 'inf'}{')' if hi_open else ']'}"
     allowed = f"must be {kind}{rng}"
-    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and (not integer or isinstance(v, int)),
-           key, v, allowed)
-    _check(lo is None or (v > lo if lo_open else v >= lo), key, v, allowed)
-    _check(hi is None or (v < hi if hi_open else v <= hi), key, v, allowed)
+    check(is_number(v) and (not integer or isinstance(v, int)), key, v, allowed)
+    check(lo is None or (v > lo if lo_open else v >= lo), key, v, allowed)
+    check(hi is None or (v < hi if hi_open else v <= hi), key, v, allowed)
 
 
 def validate(cfg) -> None:
-    """Raise ConfigError on the first bad value of a resolved point config."""
+    """Raise ConfigError on the first bad value of a resolved point config.
+
+    Generic groups are checked here; `method.*` by the method's own `check` (core/method.py), and the
+    teacher only when the method asks for one."""
+    from core import method as methods
+
     m = cfg.model
     for key in ("input_size", "patch_size", "embed_dim", "depth", "num_heads"):
-        _number(cfg, f"model.{key}", 1, integer=True)
-    _check(m.input_size % m.patch_size == 0, "model.input_size", m.input_size,
-           f"must be a multiple of model.patch_size={m.patch_size}")
-    _check(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
-           f"must be divisible by model.num_heads={m.num_heads}")
-    _check(m.embed_dim % 4 == 0, "model.embed_dim", m.embed_dim, "must be a multiple of 4 (2-D sin-cos position embedding)")
-    _number(cfg, "model.drop_path", 0, 1, hi_open=True)
+        check_number(cfg, f"model.{key}", 1, integer=True)
+    check(m.input_size % m.patch_size == 0, "model.input_size", m.input_size,
+          f"must be a multiple of model.patch_size={m.patch_size}")
+    check(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
+          f"must be divisible by model.num_heads={m.num_heads}")
+    check(m.embed_dim % 4 == 0, "model.embed_dim", m.embed_dim, "must be a multiple of 4 (2-D sin-cos position embedding)")
+    check_number(cfg, "model.drop_path", 0, 1, hi_open=True)
 
-    _in(cfg, "method.name", ("mae", "mcm"))
-    _in(cfg, "method.target", TARGET_KINDS)
-    _number(cfg, "method.mask_ratio", 0, 1, lo_open=True, hi_open=True)
-    _number(cfg, "method.decoder_depth", 1, integer=True)
-    _number(cfg, "method.decoder_dim", 1, integer=True)
-    _number(cfg, "method.decoder_heads", 1, integer=True)
-    _check(cfg.method.decoder_dim % cfg.method.decoder_heads == 0, "method.decoder_dim", cfg.method.decoder_dim,
-           f"must be divisible by method.decoder_heads={cfg.method.decoder_heads}")
-    if cfg.method.name == "mcm":
-        _in(cfg, "method.masking", ("random", "block"))
-        _in(cfg, "method.recon_range", ("all", "masked"))
-        _in(cfg, "method.encode_channel_forward", (True, False))
-        masked = round(cfg.model.embed_dim * cfg.method.mask_ratio)
-        _check(0 < masked < cfg.model.embed_dim, "method.mask_ratio", cfg.method.mask_ratio,
-               f"must leave at least one masked and one visible channel of model.embed_dim={cfg.model.embed_dim}")
-    else:
-        keep = int(cfg.model.input_size // cfg.model.patch_size) ** 2 * (1 - cfg.method.mask_ratio)
-        _check(int(keep) >= 1, "method.mask_ratio", cfg.method.mask_ratio, "must leave at least one visible patch")
+    method = methods.get(cfg.method.name)
+    method.check(cfg)
 
-    _in(cfg, "data.source", ("embedded", "fashion_mnist", "imagefolder"))
-    _number(cfg, "data.channels", 1, integer=True)
-    _check(len(cfg.data.mean) == cfg.data.channels and len(cfg.data.std) == cfg.data.channels, "data.mean",
-           list(cfg.data.mean), f"data.mean and data.std need data.channels={cfg.data.channels} values")
-    lo, hi = cfg.data.crop_scale
-    _check(0 < lo <= hi <= 1, "data.crop_scale", [lo, hi], "must be [lo, hi] with 0 < lo <= hi <= 1")
-    if cfg.data.source != "embedded":
+    check_in(cfg, "data.source", ("embedded", "fashion_mnist", "imagefolder"))
+    check_number(cfg, "data.channels", 1, integer=True)
+    check(len(cfg.data.mean) == cfg.data.channels and len(cfg.data.std) == cfg.data.channels, "data.mean",
+          list(cfg.data.mean), f"data.mean and data.std need data.channels={cfg.data.channels} values")
+    check_pair(cfg, "data.crop_scale", lambda lo, hi: 0 < lo <= hi <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1")
+    if cfg.data.source != "embedded" and cfg.get("task", "train") == "train":  # task=flops reads no data
         root = cfg.data.root
-        _check(root is not None and Path(root).exists(), "data.root", root, "must be an existing folder",
-               "For Fashion-MNIST: `apt-get install dataset-fashion-mnist`; for ImageNet set data.root or $IMAGENET_ROOT.")
+        check(root is not None and Path(root).exists(), "data.root", root, "must be an existing folder",
+              "For Fashion-MNIST: `apt-get install dataset-fashion-mnist`; for ImageNet set data.root or $IMAGENET_ROOT.")
     for split in ("train_limit", "test_limit"):
-        _number(cfg, f"data.{split}", 1, integer=True, optional=True)
+        check_number(cfg, f"data.{split}", 1, integer=True, optional=True)
 
-    if cfg.method.target == "teacher":
-        _validate_teacher(cfg)
+    request = method.teacher_request(cfg)
+    if request is not None:
+        _validate_teacher(cfg, request)
 
     p = cfg.pretrain
-    _number(cfg, "pretrain.epochs", 0, integer=True, lo_open=True)
-    _number(cfg, "pretrain.batch_size", 1, integer=True)
-    _number(cfg, "pretrain.base_lr", 0, lo_open=True)
-    _number(cfg, "pretrain.min_lr", 0)
-    _number(cfg, "pretrain.weight_decay", 0)
-    _number(cfg, "pretrain.warmup_epochs", 0)
-    _check(p.warmup_epochs <= p.epochs, "pretrain.warmup_epochs", p.warmup_epochs,
-           f"must not exceed pretrain.epochs={p.epochs}")
-    _in(cfg, "pretrain.precision", ("fp32", "bf16", "fp16"))
-    _number(cfg, "pretrain.grad_clip", 0, lo_open=True, optional=True)
-    _number(cfg, "pretrain.max_steps", 1, integer=True, optional=True)
-    _number(cfg, "pretrain.checkpoint_every", 1, integer=True)
-    _number(cfg, "pretrain.log_every", 1, integer=True)
+    check_number(cfg, "pretrain.epochs", 0, integer=True, lo_open=True)
+    check_number(cfg, "pretrain.batch_size", 1, integer=True)
+    check_number(cfg, "pretrain.base_lr", 0, lo_open=True)
+    check_number(cfg, "pretrain.min_lr", 0)
+    check_number(cfg, "pretrain.weight_decay", 0)
+    check_pair(cfg, "pretrain.betas", lambda b1, b2: 0 <= b1 < 1 and 0 <= b2 < 1, "must be [beta1, beta2] in [0, 1)")
+    check_number(cfg, "pretrain.warmup_epochs", 0)
+    check(p.warmup_epochs <= p.epochs, "pretrain.warmup_epochs", p.warmup_epochs,
+          f"must not exceed pretrain.epochs={p.epochs}")
+    check_in(cfg, "pretrain.precision", ("fp32", "bf16", "fp16"))
+    check_number(cfg, "pretrain.grad_clip", 0, lo_open=True, optional=True)
+    check_number(cfg, "pretrain.max_steps", 1, integer=True, optional=True)
+    check_number(cfg, "pretrain.checkpoint_every", 1, integer=True)
+    check_number(cfg, "pretrain.log_every", 1, integer=True)
 
-    _in(cfg, "evaluate.pool", ("mean", "cls"))
-    _number(cfg, "evaluate.layer", -m.depth, m.depth - 1, integer=True)
-    _number(cfg, "evaluate.knn.k", 1, integer=True)
-    _number(cfg, "evaluate.knn.temperature", 0, lo_open=True)
-    _number(cfg, "evaluate.linear.epochs", 1, integer=True)
-    _number(cfg, "evaluate.linear.lr", 0, lo_open=True)
-    _in(cfg, "device", ("auto", "cpu", "cuda"))
-    _number(cfg, "seed", 0, integer=True)
+    check_in(cfg, "evaluate.pool", ("mean", "cls"))
+    check_number(cfg, "evaluate.layer", -m.depth, m.depth - 1, integer=True)
+    check_number(cfg, "evaluate.knn.k", 1, integer=True)
+    check_number(cfg, "evaluate.knn.temperature", 0, lo_open=True)
+    check_number(cfg, "evaluate.linear.epochs", 1, integer=True)
+    check_number(cfg, "evaluate.linear.lr", 0, lo_open=True)
+    check_in(cfg, "task", ("train", "flops"))
+    check_in(cfg, "device", ("auto", "cpu", "cuda"))
+    check_number(cfg, "seed", 0, integer=True)
 
 
-def _validate_teacher(cfg) -> None:
+def check_pair(cfg, key: str, ok, allowed: str) -> None:
+    """A two-number list such as [lo, hi] or betas, checked by ok(a, b)."""
+    v = OmegaConf.select(cfg, key)
+    v = list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else v
+    good = isinstance(v, list) and len(v) == 2 and all(is_number(x) for x in v) and ok(*v)
+    check(good, key, v, allowed)
+
+
+def _validate_teacher(cfg, request) -> None:
     t = cfg.teacher
-    _in_t = lambda key, choices: _check(t.get(key) in choices, f"teacher.{key}", t.get(key),
-                                        "must be one of " + ", ".join(map(str, choices)))
-    _in_t("kind", ("open_clip", "timm", "efficientnet_lite0"))
-    _in_t("dtype", ("float32", "bfloat16", "float16"))
+    in_t = lambda key, choices: check(t.get(key) in choices, f"teacher.{key}", t.get(key),  # noqa: E731
+                                      "must be one of " + ", ".join(map(str, choices)))
+    in_t("kind", ("open_clip", "timm", "efficientnet_lite0"))
+    in_t("dtype", ("float32", "bfloat16", "float16"))
     pre = t.pretrained
-    _check(isinstance(pre, str) and pre != "", "teacher.pretrained", pre,
-           "must name weights: a pretrained tag, a local checkpoint file, or `random` (tests only)")
+    check(isinstance(pre, str) and pre != "", "teacher.pretrained", pre,
+          "must name weights: a pretrained tag, a local checkpoint file, or `random` (tests only)")
     if "/" in pre or pre.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        _check(Path(pre).is_file(), "teacher.pretrained", pre, "is not an existing checkpoint file")
+        check(resolve_path(pre).is_file(), "teacher.pretrained", pre, "is not an existing checkpoint file")
     if t.kind == "open_clip":
         import open_clip
-        _check(t.model in open_clip.list_models(), "teacher.model", t.model,
-               "is not an open_clip model; see open_clip.list_models()")
-        if pre not in ("random",) and not Path(pre).is_file():
+        check(t.model in open_clip.list_models(), "teacher.model", t.model,
+              "is not an open_clip model; see open_clip.list_models()")
+        if pre not in ("random",) and not resolve_path(pre).is_file():
             tags = open_clip.list_pretrained_tags_by_model(t.model)
-            _check(pre in tags, "teacher.pretrained", pre,
-                   f"is not a pretrained tag of {t.model} (known: {', '.join(tags) or 'none'}), nor a local file")
+            check(pre in tags, "teacher.pretrained", pre,
+                  f"is not a pretrained tag of {t.model} (known: {', '.join(tags) or 'none'}), nor a local file")
     elif t.kind == "timm":
         import timm
-        _check(timm.is_model(t.model), "teacher.model", t.model, "is not a timm model; see timm.list_models()")
+        check(timm.is_model(t.model), "teacher.model", t.model, "is not a timm model; see timm.list_models()")
     else:
-        _check(pre in ("package", "random") or Path(pre).is_file(), "teacher.pretrained", pre,
-               "must be `package`, `random` or a local state_dict file")
-        _number(cfg, "teacher.feature_stage", 1, 7, integer=True)
-    _number(cfg, "teacher.input_size", 16, integer=True, optional=True)
+        check(pre in ("package", "random") or resolve_path(pre).is_file(), "teacher.pretrained", pre,
+              "must be `package`, `random` or a local state_dict file")
+        check_number(cfg, "teacher.feature_stage", 1, 7, integer=True)
+        needs = [k for k in ("cls", "cls_attention") if getattr(request, k)]
+        check(not needs, "teacher.kind", t.kind, f"has no [CLS] token or attention, which method.name="
+              f"{cfg.method.name} needs ({', '.join(needs)}); use a ViT teacher (open_clip or timm)")
+    check_number(cfg, "teacher.input_size", 16, integer=True, optional=True)
+
+
+def resolve_path(path: str) -> Path:
+    """A file named in the config: absolute, or relative to the repository (packaged assets)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or p.exists() else REPO / p

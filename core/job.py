@@ -48,8 +48,43 @@ def init_distributed(rank: int, world: int, device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
 
 
+def log_artifacts(c, run_id: str, model, teacher, split, cfg, device) -> None:
+    """The method's pictures (attention maps, ...) of a few test images, as PNGs in the run."""
+    import tempfile
+
+    from core.data import Plain
+    view = Plain(split.dataset, cfg.model.input_size)
+    imgs = torch.stack([view[i][0] for i in range(min(8, len(view)))]).to(device)
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.data.std, device=device).view(1, -1, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        files = model.artifacts(imgs, (imgs - mean) / std, teacher)
+    model.train()
+    if files:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            c.log_artifacts(run_id, tmp, "figures")
+
+
+def _count_flops(cfg, run_id: str, c, log) -> dict:
+    """task=flops: FLOPs per image instead of training (core/flops.py); the run ends FINISHED."""
+    from core import flops
+    from core import method as methods
+    from core.teachers import build_teacher
+    needs_teacher = methods.get(cfg.method.name).teacher_request(cfg) is not None
+    results = flops.count(cfg, build_teacher(cfg.teacher) if needs_teacher else None)
+    for k, v in results.items():
+        log(k, v, 0)
+    log.flush()
+    c.set_terminated(run_id, "FINISHED")
+    return results
+
+
 def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: False, phase: str = "all") -> dict:
     """cfg: resolved point config (DictConfig or YAML text). Returns the evaluation metrics (rank 0)."""
+    from core import method as methods
     from core.data import load_split
     from core.evaluate import evaluate
     from core.teachers import build_teacher
@@ -67,6 +102,8 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
         device = pick_device(cfg.device, local_rank)
         if world > 1:
             init_distributed(rank, world, device)
+        if cfg.get("task") == "flops":
+            return _count_flops(cfg, run_id, c, log)
         train_split, test_split = load_split(cfg.data, "train"), load_split(cfg.data, "test")
         ckpt = Path(workdir) / "checkpoint.pt"
         if phase == "evaluate":
@@ -74,7 +111,8 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
             total = schedule(cfg, len(train_split.dataset), world)[0]
             if state is None or state["step"] < total:
                 raise RuntimeError(f"evaluation needs a finished pre-training checkpoint at {ckpt}")
-        teacher = build_teacher(cfg.teacher).to(device) if cfg.method.target == "teacher" else None
+        needs_teacher = methods.get(cfg.method.name).teacher_request(cfg) is not None
+        teacher = build_teacher(cfg.teacher).to(device) if needs_teacher else None
         model = build_model(cfg, teacher).to(device)
         ddp = None
         if world > 1:
@@ -82,13 +120,17 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
             ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         stats = pretrain(cfg, model, teacher, train_split, ckpt, log, device, should_stop, rank, world, ddp)
         results = {}
+        if lead and phase != "evaluate" and stats["steps"] > stats["resumed_from"]:
+            log_artifacts(c, run_id, model, teacher, test_split, cfg, device)
         if phase != "pretrain" and lead:
             results = evaluate(model.encoder, cfg, train_split, test_split, device)
             if cfg.evaluate.floor:  # same architecture and seed, untrained: what pre-training has to beat
                 floor = evaluate(build_model(cfg, teacher).encoder.to(device), cfg, train_split, test_split, device)
                 results.update({f"floor_{k}": v for k, v in floor.items()})
         if phase != "evaluate" and stats["steps"] > stats["resumed_from"]:
-            results.update(pretrain_wall_s=stats["wall_s"], pretrain_img_s=stats["img_per_s"])
+            # epoch_s: one pass over the training split at this run's measured rate (MaskAlign Tab. 7)
+            results.update(pretrain_wall_s=stats["wall_s"], pretrain_img_s=stats["img_per_s"],
+                           epoch_s=len(train_split.dataset) / stats["img_per_s"])
         # wall_s is the whole point's; a pre-training-only task reports its own share under another name
         results["pretrain_job_wall_s" if phase == "pretrain" else "wall_s"] = time.perf_counter() - t0
         for k, v in results.items():

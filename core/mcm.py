@@ -18,56 +18,111 @@ Choices the paper leaves open, made here:
   never optimised), an identity when the target already has D channels (pixels of a 16x16x3 patch for
   ViT-B/16). Channel indices of the target then still mean something, which the "masked channels only"
   reconstruction range (Tab. 7) needs. tests/test_methods.py proves the targets cannot shrink.
+- A teacher wider than the encoder (ViT-S with a CLIP-B teacher: 768 > 384): a map into D channels
+  would drop half of the target. Here the decoder then predicts in the teacher's width P = max(D, T)
+  and the frozen map is [T, P] (identity when T = P), so no target information is lost. The "masked
+  channels only" range needs P = D (the mask lives on the D encoder channels) and is refused otherwise.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from core.vit import ViTEncoder, blocks, init_weights, sincos_pos_embed
+from core.config import ConfigError, check, check_in, check_number
+from core.mae import check_decoder, check_teacher_target
+from core.method import Method, register
+from core.targets import normalize_features, pixel_dim, pixel_targets
+from core.vit import ViTEncoder, blocks, build_encoder, init_weights, sincos_pos_embed
 
 
-class MCM(nn.Module):
+@register
+class MCM(Method):
+    name = "mcm"
+    targets = ("pixel", "norm_pixel", "teacher")
+
     def __init__(self, encoder: ViTEncoder, target_dim: int, mask_ratio: float = 0.75,
                  masking: str = "random", encode_channel_forward: bool = True, recon_range: str = "all",
                  decoder_dim: int | None = None, decoder_depth: int = 2, decoder_heads: int | None = None,
-                 mlp_ratio: float = 4.0):
+                 mlp_ratio: float = 4.0, target: str = "teacher", target_norm: str = "layernorm",
+                 teacher_request=None):
         super().__init__()
         self.encoder = encoder
         D = encoder.embed_dim
+        P = max(D, target_dim)  # prediction width: the teacher's when it is wider (see the module docstring)
+        if recon_range == "masked" and P != D:
+            raise ConfigError("method.recon_range", recon_range, f"needs a target no wider than model.embed_dim="
+                              f"{D} (the target has {target_dim} channels)", "Use method.recon_range=all.")
         decoder_dim = decoder_dim or D
         self.mask_ratio, self.masking = mask_ratio, masking
         self.encode_channel_forward, self.recon_range = encode_channel_forward, recon_range
+        self.target, self.target_norm, self.request = target, target_norm, teacher_request
         self.num_masked = int(round(D * mask_ratio))
         self.encode_channel = nn.Parameter(torch.zeros(1, 1, D))
         self.mask_channel = nn.Parameter(torch.zeros(1, 1, D))
         self.decoder_embed = nn.Linear(D, decoder_dim)
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(encoder.grid, decoder_dim), persistent=False)
-        self.decoder_blocks = blocks(decoder_dim, decoder_depth, decoder_heads or encoder.blocks[0].attn.num_heads,
-                                     mlp_ratio)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(encoder.grid, decoder_dim))
+        self.decoder_blocks = blocks(decoder_dim, decoder_depth, decoder_heads or encoder.num_heads, mlp_ratio)
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, D)
-        self.register_buffer("target_proj", self._frozen_projection(target_dim, D))
+        self.decoder_pred = nn.Linear(decoder_dim, P)
+        self.register_buffer("target_proj", self._frozen_projection(target_dim, P))
         for m in (self.decoder_blocks, self.decoder_embed, self.decoder_norm, self.decoder_pred):
             init_weights(m)
         nn.init.normal_(self.encode_channel, std=0.02)
         nn.init.normal_(self.mask_channel, std=0.02)
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        check_number(cfg, "method.mask_ratio", 0, 1, lo_open=True, hi_open=True)
+        check_in(cfg, "method.masking", ("random", "block"))
+        check_in(cfg, "method.recon_range", ("all", "masked"))
+        check_in(cfg, "method.encode_channel_forward", (True, False))
+        masked = round(cfg.model.embed_dim * cfg.method.mask_ratio)
+        check(0 < masked < cfg.model.embed_dim, "method.mask_ratio", cfg.method.mask_ratio,
+              f"must leave at least one masked and one visible channel of model.embed_dim={cfg.model.embed_dim}")
+        check_decoder(cfg)
+        check_teacher_target(cfg)
+
+    @classmethod
+    def build(cls, cfg, teacher=None) -> "MCM":
+        m = cfg.method
+        tdim = teacher.width if m.target == "teacher" else pixel_dim(cfg.model.patch_size, cfg.data.channels)
+        return cls(build_encoder(cfg), tdim, mask_ratio=m.mask_ratio, masking=m.masking,
+                   encode_channel_forward=m.encode_channel_forward, recon_range=m.recon_range,
+                   decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+                   mlp_ratio=cfg.model.mlp_ratio, target=m.target, target_norm=m.get("target_norm", "layernorm"),
+                   teacher_request=cls.teacher_request(cfg))
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"encode_channel", "mask_channel"}
+
+    def unused_parameters(self) -> set[str]:
+        return set() if self.encode_channel_forward else {"encode_channel"}
+
+    @torch.no_grad()
+    def make_targets(self, imgs, x, teacher=None) -> torch.Tensor:
+        """-> [B, N, T] before the frozen map: teacher features of the raw image, or pixels."""
+        if self.target == "teacher":
+            return normalize_features(teacher(imgs, self.encoder.grid, self.request).patch, self.target_norm)
+        return pixel_targets(x, self.encoder.patch_size, self.target == "norm_pixel")
+
     @staticmethod
-    def _frozen_projection(t: int, d: int) -> torch.Tensor:
-        """[T, D] map of the target into D channels: identity if T == D, else semi-orthogonal."""
-        if t == d:
-            return torch.eye(d)
-        w = torch.empty(t, d)
+    def _frozen_projection(t: int, p: int) -> torch.Tensor:
+        """[T, P] map of the target into P >= T channels: identity if T == P, else semi-orthogonal
+        (isometric: norms and distances of targets are kept)."""
+        if t == p:
+            return torch.eye(p)
+        w = torch.empty(t, p)
         nn.init.orthogonal_(w)
         return w
 
     def channel_masking(self, B: int, N: int, D: int, device) -> torch.Tensor:
         """-> mask: [B, N, D] bool, exactly D_m channels True (masked) in every patch."""
+        g = self.rng(device)
         if self.masking == "random":
-            ids = torch.argsort(torch.rand(B, N, D, device=device), dim=-1)[..., : self.num_masked]
+            ids = torch.argsort(torch.rand(B, N, D, device=device, generator=g), dim=-1)[..., : self.num_masked]
         else:  # block-wise: one contiguous cyclic run of D_m channels per patch
-            start = torch.randint(0, D, (B, N, 1), device=device)
+            start = torch.randint(0, D, (B, N, 1), device=device, generator=g)
             ids = (start + torch.arange(self.num_masked, device=device)) % D
         return torch.zeros(B, N, D, dtype=torch.bool, device=device).scatter_(-1, ids, True)
 
@@ -80,7 +135,7 @@ class MCM(nn.Module):
         return self.encoder.run_blocks(self.encoder.add_cls(x)), mask
 
     def forward_decoder(self, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """f: [B, 1 + N, D] -> z: [B, N, D]; masked channels swapped for the mask channel first."""
+        """f: [B, 1 + N, D] -> z: [B, N, P]; masked channels swapped for the mask channel first."""
         patches = torch.where(mask, self.mask_channel.to(f.dtype), f[:, 1:])
         x = self.decoder_embed(torch.cat([f[:, :1], patches], dim=1)) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
@@ -88,17 +143,17 @@ class MCM(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def project_target(self, target: torch.Tensor) -> torch.Tensor:
-        """target: [B, N, T] -> [B, N, D] through the frozen map (no gradient can reach it)."""
+        """target: [B, N, T] -> [B, N, P] through the frozen map (no gradient can reach it)."""
         return target.float() @ self.target_proj
 
     def forward_loss(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """z: [B, N, D], target: [B, N, D], mask: [B, N, D]. MSE over all channels or masked only."""
+        """z, target: [B, N, P], mask: [B, N, D]. MSE over all channels, or the masked ones (P = D)."""
         err = (z.float() - target) ** 2
         if self.recon_range == "masked":
             return (err * mask).sum() / mask.sum()
         return err.mean()
 
-    def forward(self, imgs: torch.Tensor, target: torch.Tensor):
-        f, mask = self.forward_encoder(imgs)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor):
+        f, mask = self.forward_encoder(x)
         z = self.forward_decoder(f, mask)
-        return self.forward_loss(z, self.project_target(target), mask), {"pred": z, "mask": mask}
+        return self.forward_loss(z, self.project_target(targets), mask), {"pred": z, "mask": mask}

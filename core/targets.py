@@ -1,32 +1,45 @@
-"""Regression targets, computed on the intact (augmented) image of each step.
+"""Regression targets the methods build from the intact (augmented) image of each step.
 
-- `pixel`: the raw pixels of each patch, [B, N, p*p*C];
-- `norm_pixel`: the same, normalised per patch (MAE's norm_pix_loss);
-- `teacher`: the frozen teacher's final patch features on the student's grid, LayerNorm-normalised
-  without affine (so the scale of the target is fixed by construction, not learnable), [B, N, T].
+- `pixel_targets`: the pixels of each patch, [B, N, p*p*C], optionally normalised per patch (MAE's
+  norm_pix_loss), taken from the normalised input as MAE does;
+- `normalize_features`: how teacher features become targets (`method.target_norm`):
+  `layernorm` = per token, LayerNorm without affine (the default: the scale of a target is fixed by
+  construction, nothing learnable can shrink it); `batchnorm` = per channel over batch and tokens, no
+  affine (MaskAlign Tab. 6 "BN"); `none` = raw features.
+HOG targets are in core/hog.py, visual tokens in core/tokenizers.py.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from core.config import TARGET_KINDS as KINDS  # noqa: F401 - the names validation accepts
 from core.vit import patchify
 
+FEATURE_NORMS = ("layernorm", "batchnorm", "none")
 
-def target_dim(kind: str, patch_size: int, channels: int, teacher=None) -> int:
-    if kind == "teacher":
-        return teacher.width
+
+def pixel_dim(patch_size: int, channels: int) -> int:
     return patch_size * patch_size * channels
 
 
 @torch.no_grad()
-def make_targets(kind: str, imgs: torch.Tensor, patch_size: int, teacher=None) -> torch.Tensor:
-    """imgs: [B, C, H, W] in [0, 1] -> target: [B, N, T] (float32)."""
-    if kind == "teacher":
-        feats = teacher(imgs, grid=imgs.shape[-1] // patch_size).patch
+def pixel_targets(x: torch.Tensor, patch_size: int, normalize: bool) -> torch.Tensor:
+    """x: [B, C, H, W] (normalised input) -> [B, N, p*p*C] float32, per-patch standardised if asked."""
+    t = patchify(x.float(), patch_size)
+    if normalize:
+        t = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    return t
+
+
+@torch.no_grad()
+def normalize_features(feats: torch.Tensor, kind: str = "layernorm") -> torch.Tensor:
+    """feats: [B, N, T] -> float32 targets normalised as `kind` (see the module docstring)."""
+    feats = feats.float()
+    if kind == "layernorm":
         return F.layer_norm(feats, feats.shape[-1:])
-    x = patchify(imgs.float(), patch_size)
-    if kind == "norm_pixel":
-        x = (x - x.mean(dim=-1, keepdim=True)) / (x.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-    return x
+    if kind == "batchnorm":
+        flat = feats.reshape(-1, feats.shape[-1])
+        return F.batch_norm(flat, None, None, training=True).reshape(feats.shape)
+    if kind == "none":
+        return feats
+    raise ValueError(f"method.target_norm={kind!r} is invalid: must be one of {', '.join(FEATURE_NORMS)}")

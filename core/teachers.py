@@ -1,29 +1,44 @@
-"""Frozen teachers: one interface over open_clip, timm and a packaged offline EfficientNet-Lite0.
+"""Frozen teachers: one interface over open_clip ViTs, timm models and a packaged EfficientNet-Lite0.
 
 A teacher takes the *intact* image batch in [0, 1] (any channel count, any size), re-normalises it with
-its own mean/std at its own input size, and returns features resampled onto the student's patch grid:
+its own mean/std at its own input size, and computes only what the method asked for (a TeacherRequest,
+core/method.py), resampled onto the student's patch grid:
 
-    out.patch:  [B, h*w, T]        final patch features (the "CLIP target" of MCM / MAE-via-patch)
-    out.layers: list of [B, h*w, T_i]  per-layer features, shallow to deep (MaskAlign's top-K targets)
+    out.patch:          [B, N, T]    final patch features
+    out.cls:            [B, T]       final [CLS]
+    out.layers:         [[B, N, T_i]] the requested blocks' outputs, in the order asked
+    out.layers_cls:     [[B, T_i]]   their [CLS] tokens (when cls was asked)
+    out.cls_attention:  [B, N]       the last block's [CLS]->patch attention, mean over heads, sums to 1
 
-Teachers are frozen: eval mode, requires_grad False, run under torch.no_grad, optionally in bf16.
+Definitions, the same for every ViT teacher: *final* = tokens after the teacher's final norm (open_clip's
+`ln_post`, timm's `norm`), before any projection head; a *layer* = the raw output of a block (the
+residual stream, before any norm); blocks run only as deep as the deepest output asked for.
+Attention runs fused (scaled_dot_product_attention) in every block; the [CLS] attention of the last
+block is computed on the side from the same q/k, for the [CLS] query only ([B, heads, 1, L]: cheap).
+
+Teachers are frozen: eval mode, requires_grad False, under torch.no_grad, optionally in bf16 (autocast).
 Weights come from a pretrained tag (hub download on a cluster), a local checkpoint file, or -- only when
 asked for with `pretrained: random` -- random init, which exists to test the code path offline.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.config import resolve_path
+from core.method import TeacherRequest
+
 
 @dataclass
 class TeacherOutput:
-    patch: torch.Tensor
-    layers: list[torch.Tensor]
+    patch: torch.Tensor | None = None
+    cls: torch.Tensor | None = None
+    layers: list[torch.Tensor] = field(default_factory=list)
+    layers_cls: list[torch.Tensor] = field(default_factory=list)
+    cls_attention: torch.Tensor | None = None
 
 
 def to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -34,11 +49,34 @@ def to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
-class Teacher(nn.Module):
-    """Base: input preparation, freezing and the no-grad/autocast call. Subclasses implement `maps`."""
+def tokens_to_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, h*w, C] patch tokens (square grid) -> [B, grid*grid, C]; a no-op when the grids match."""
+    side = int(round(tokens.shape[1] ** 0.5))
+    if side == grid:
+        return tokens
+    return to_grid(tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side), grid)
 
-    width: int
-    layer_widths: list[int]
+
+def attention_to_grid(attn: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, h*w] attention over patches -> [B, grid*grid], renormalised to sum to 1."""
+    a = tokens_to_grid(attn.unsqueeze(-1), grid).squeeze(-1).clamp_min(0)
+    return a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """q_cls: [B, H, 1, d], k: [B, H, L, d] -> [B, L - prefix]: softmax over all keys, mean over heads,
+    the patch columns only, renormalised (the prefix tokens' share removed)."""
+    w = (q_cls.float() @ k.float().transpose(-2, -1)) * q_cls.shape[-1] ** -0.5   # [B, H, 1, L]
+    a = w.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]                          # [B, N]
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+class Teacher(nn.Module):
+    """Base: input preparation, freezing and the no-grad/autocast call. Subclasses implement `run`."""
+
+    width: int                 # channels of the final features
+    layer_widths: list[int]    # channels of each block's output
+    has_cls: bool = False
 
     def __init__(self, input_size: int, mean, std, dtype: str = "float32"):
         super().__init__()
@@ -46,6 +84,10 @@ class Teacher(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+    @property
+    def depth(self) -> int:
+        return len(self.layer_widths)
 
     def freeze(self) -> "Teacher":
         self.eval()
@@ -65,86 +107,184 @@ class Teacher(nn.Module):
                                  align_corners=False).clamp(0, 1)
         return (imgs - self.mean) / self.std
 
-    def maps(self, x: torch.Tensor, all_layers: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x: prepared [B, 3, S, S] -> (final map [B, T, h, w], per-layer maps [B, T_i, h_i, w_i]).
+    def layer_index(self, i: int) -> int:
+        return i % self.depth
 
-        With all_layers False a teacher may stop at its final map and return no layers."""
+    def run(self, x: torch.Tensor, request: TeacherRequest) -> TeacherOutput:
+        """x: prepared [B, 3, S, S] -> the requested outputs on the teacher's own token grid."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def forward(self, imgs: torch.Tensor, grid: int, all_layers: bool = False) -> TeacherOutput:
+    def forward(self, imgs: torch.Tensor, grid: int, request: TeacherRequest = TeacherRequest(patch=True)
+                ) -> TeacherOutput:
         x = self.prepare(imgs.float())
         with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            final, layers = self.maps(x, all_layers)
-        return TeacherOutput(to_grid(final.float(), grid), [to_grid(m.float(), grid) for m in layers])
+            out = self.run(x, request)
+        f = lambda t: None if t is None else t.float()  # noqa: E731
+        return TeacherOutput(
+            patch=None if out.patch is None else tokens_to_grid(out.patch.float(), grid),
+            cls=f(out.cls), layers=[tokens_to_grid(t.float(), grid) for t in out.layers],
+            layers_cls=[t.float() for t in out.layers_cls],
+            cls_attention=None if out.cls_attention is None else attention_to_grid(out.cls_attention, grid))
 
 
-def _tokens_to_map(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """[B, prefix + h*w, C] -> [B, C, h, w] (drops [CLS]/register tokens)."""
-    x = tokens[:, num_prefix:]
-    side = int(round(x.shape[1] ** 0.5))
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+class _TokenViT(Teacher):
+    """Shared block loop of ViT teachers: embed, run blocks as deep as needed, collect what was asked."""
+
+    has_cls = True
+    num_prefix = 1
+
+    def embed(self, x):       # -> [B, L, D] tokens entering the first block
+        raise NotImplementedError
+
+    def block_list(self):
+        raise NotImplementedError
+
+    def final_norm(self, x):
+        raise NotImplementedError
+
+    def cls_qk(self, blk, x):  # -> q of [CLS] [B, H, 1, d], k [B, H, L, d] of the block's attention
+        raise NotImplementedError
+
+    def run(self, x, request):
+        wanted = sorted({self.layer_index(i) for i in request.layers})
+        final = request.patch or request.cls or request.cls_attention
+        last = self.depth - 1 if final else (wanted[-1] if wanted else -1)
+        x = self.embed(x)
+        out, taken = TeacherOutput(), {}
+        for i, blk in enumerate(self.block_list()[: last + 1]):
+            if request.cls_attention and i == self.depth - 1:
+                out.cls_attention = cls_attention(*self.cls_qk(blk, x), self.num_prefix)
+            x = blk(x)
+            if i in wanted:
+                taken[i] = x
+        for i in request.layers:
+            t = taken[self.layer_index(i)]
+            out.layers.append(t[:, self.num_prefix:])
+            if request.cls:
+                out.layers_cls.append(t[:, 0])
+        if request.patch or request.cls:
+            x = self.final_norm(x)
+            out.patch = x[:, self.num_prefix:] if request.patch else None
+            out.cls = x[:, 0] if request.cls else None
+        return out
 
 
-class OpenClipTeacher(Teacher):
-    """Image tower of any open_clip model. Final = ln_post(tokens); layers = each residual block."""
+class OpenClipTeacher(_TokenViT):
+    """Image tower of an open_clip ViT (CLIP-B/16, CLIP-L/14, ...)."""
 
     def __init__(self, model: str, pretrained: str, input_size: int | None = None, dtype: str = "float32"):
         import open_clip
 
         weights = None if pretrained == "random" else pretrained  # a tag ('openai') or a local file
-        clip = open_clip.create_model(model, pretrained=weights)
+        if weights and resolve_path(weights).is_file():
+            weights = str(resolve_path(weights))
+        kwargs = {"force_image_size": input_size} if input_size else {}  # resizes the position table too
+        clip = open_clip.create_model(model, pretrained=weights, **kwargs)
         visual = clip.visual
+        if not hasattr(visual, "transformer"):
+            raise ValueError(f"teacher.model={model}: only ViT image towers are supported (no .transformer)")
         size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
         cfg = getattr(visual, "preprocess_cfg", {}) or {}
         super().__init__(input_size or size, cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
                          cfg.get("std", open_clip.OPENAI_DATASET_STD), dtype)
-        if not hasattr(visual, "transformer"):
-            raise ValueError(f"teacher.model={model}: only ViT image towers are supported (no .transformer)")
         self.visual = visual
         self.width = visual.transformer.width
         self.layer_widths = [self.width] * len(visual.transformer.resblocks)
+        self.batch_first = getattr(visual.transformer, "batch_first", True)
         self.freeze()
 
-    def maps(self, x, all_layers):
-        v, taken = self.visual, []
-        hooks = [blk.register_forward_hook(lambda m, i, o: taken.append(o)) for blk in v.transformer.resblocks]
-        try:
-            v.output_tokens = True
-            _, tokens = v(x)  # tokens: [B, h*w, width] after ln_post, before the projection
-        finally:
-            for h in hooks:
-                h.remove()
-        prefix = taken[0].shape[1] - tokens.shape[1]
-        return _tokens_to_map(tokens, 0), [_tokens_to_map(t, prefix) for t in taken]
+    def embed(self, x):
+        x = self.visual._embeds(x)  # conv1, [CLS], positions, patch dropout (inactive in eval), ln_pre
+        return x if self.batch_first else x.transpose(0, 1)
+
+    def block_list(self):
+        blocks = self.visual.transformer.resblocks
+        if self.batch_first:
+            return blocks
+        return [lambda x, b=b: b(x.transpose(0, 1)).transpose(0, 1) for b in blocks]
+
+    def final_norm(self, x):
+        return self.visual.ln_post(x)
+
+    def cls_qk(self, blk, x):
+        blk = self.visual.transformer.resblocks[-1]  # (block_list may hold batch-first wrappers)
+        attn, h = blk.attn, blk.attn.num_heads
+        y = blk.ln_1(x)                                     # [B, L, D]
+        D = y.shape[-1]
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(y[:, :1], w[:D], None if b is None else b[:D])
+        k = F.linear(y, w[D:2 * D], None if b is None else b[D:2 * D])
+        split = lambda t: t.view(t.shape[0], t.shape[1], h, D // h).transpose(1, 2)  # noqa: E731
+        return split(q), split(k)
 
 
-class TimmTeacher(Teacher):
-    """Any timm model with `forward_intermediates` (ViTs and most CNNs); final = deepest feature map."""
+class TimmTeacher(_TokenViT):
+    """A timm model. ViTs (`VisionTransformer`: blocks, [CLS]) give every output; other models (CNNs)
+    give final and per-stage maps through `forward_intermediates`, without [CLS] or attention."""
 
-    def __init__(self, model: str, pretrained: str, input_size: int | None = None, dtype: str = "float32"):
+    def __init__(self, model: str, pretrained: str, input_size: int | None = None, dtype: str = "float32",
+                 model_kwargs: dict | None = None, mean=None, std=None):
         import timm
 
-        kwargs = {}
+        kwargs = dict(model_kwargs or {})
+        overlay = {}
         if pretrained == "random":
             kwargs["pretrained"] = False
-        elif os.path.isfile(pretrained):
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
+        elif resolve_path(pretrained).is_file():
+            overlay["file"] = str(resolve_path(pretrained))
+            kwargs["pretrained"] = True
         else:  # a hub tag, e.g. 'augreg_in21k_ft_in1k'
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(tag=pretrained))
+            overlay["tag"] = pretrained
+            kwargs["pretrained"] = True
+        if mean is not None:
+            overlay.update(mean=tuple(mean), std=tuple(std))
+        if kwargs.get("img_size"):
+            overlay["input_size"] = (3, kwargs["img_size"], kwargs["img_size"])
+        if overlay and kwargs["pretrained"]:
+            kwargs["pretrained_cfg_overlay"] = overlay
         net = timm.create_model(model, num_classes=0, **kwargs)
         cfg = net.pretrained_cfg
-        super().__init__(input_size or cfg["input_size"][-1], cfg["mean"], cfg["std"], dtype)
+        super().__init__(input_size or cfg["input_size"][-1], mean or cfg["mean"], std or cfg["std"], dtype)
         self.net = net
-        with torch.no_grad():
-            _, layers = self.maps(torch.zeros(1, 3, self.input_size, self.input_size), True)
-        self.layer_widths = [m.shape[1] for m in layers]
-        self.width = self.layer_widths[-1]
+        self.is_vit = hasattr(net, "blocks") and getattr(net, "cls_token", None) is not None
+        if self.is_vit:
+            self.num_prefix = net.num_prefix_tokens
+            self.width = net.embed_dim
+            self.layer_widths = [net.embed_dim] * len(net.blocks)
+        else:
+            self.has_cls = False
+            with torch.no_grad():
+                layers = net.forward_intermediates(torch.zeros(1, 3, self.input_size, self.input_size),
+                                                   output_fmt="NCHW", intermediates_only=True)
+            self.layer_widths = [m.shape[1] for m in layers]
+            self.width = self.layer_widths[-1]
         self.freeze()
 
-    def maps(self, x, all_layers):
-        layers = self.net.forward_intermediates(x, output_fmt="NCHW", intermediates_only=True)
-        return layers[-1], list(layers)
+    def embed(self, x):
+        n = self.net
+        return n.norm_pre(n.patch_drop(n._pos_embed(n.patch_embed(x))))
+
+    def block_list(self):
+        return self.net.blocks
+
+    def final_norm(self, x):
+        return self.net.norm(x)
+
+    def cls_qk(self, blk, x):
+        a = blk.attn
+        y = blk.norm1(x)
+        B, L, _ = y.shape
+        q, k, _ = a.qkv(y).reshape(B, L, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return a.q_norm(q)[:, :, :1], a.k_norm(k)
+
+    def run(self, x, request):
+        if self.is_vit:
+            return super().run(x, request)
+        maps = self.net.forward_intermediates(x, output_fmt="NCHW", intermediates_only=True)
+        flat = lambda m: m.flatten(2).transpose(1, 2)  # noqa: E731
+        return TeacherOutput(patch=flat(maps[-1]) if request.patch else None,
+                             layers=[flat(maps[self.layer_index(i)]) for i in request.layers])
 
 
 class EfficientNetLite0Teacher(Teacher):
@@ -153,7 +293,7 @@ class EfficientNetLite0Teacher(Teacher):
     available offline, so the embedded default regresses real semantic features.
 
     Layers are the outputs of its 7 MBConv stages (strides 2, 4, 8, 16, 16, 32, 32); the final target
-    is stage `feature_stage` (1-based; default 5: 112 channels at stride 16 -> 7x7 at 112 px input).
+    is stage `feature_stage` (1-based). It has no [CLS] token and no attention.
     """
 
     STAGE_ENDS = (1, 3, 5, 8, 11, 15, 16)  # index after the last block of each stage (lite0 repeats)
@@ -168,7 +308,7 @@ class EfficientNetLite0Teacher(Teacher):
         if pretrained == "random":
             net = EfficientNet.from_name("efficientnet-lite0")
         else:
-            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=pretrained)
+            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(resolve_path(pretrained)))
         super().__init__(input_size, [0.5] * 3, [0.5] * 3, dtype)  # TF-Lite models take (x - 0.5) / 0.5
         self.net = net
         self.feature_stage = feature_stage
@@ -177,16 +317,21 @@ class EfficientNetLite0Teacher(Teacher):
         self.width = widths[feature_stage - 1]
         self.freeze()
 
-    def maps(self, x, all_layers):
+    def run(self, x, request):
         n = self.net
+        stages = {self.layer_index(i) for i in request.layers}
+        if request.patch:
+            stages.add(self.feature_stage - 1)
+        last = self.STAGE_ENDS[max(stages)] if stages else 0
         x = n._swish(n._bn0(n._conv_stem(x)))
-        layers = []
-        last = len(n._blocks) if all_layers else self.STAGE_ENDS[self.feature_stage - 1]
+        maps = {}
         for i, blk in enumerate(n._blocks[:last]):
             x = blk(x)
             if i + 1 in self.STAGE_ENDS:
-                layers.append(x)
-        return layers[self.feature_stage - 1], layers if all_layers else []
+                maps[self.STAGE_ENDS.index(i + 1)] = x
+        flat = lambda m: m.flatten(2).transpose(1, 2)  # noqa: E731
+        return TeacherOutput(patch=flat(maps[self.feature_stage - 1]) if request.patch else None,
+                             layers=[flat(maps[self.layer_index(i)]) for i in request.layers])
 
 
 def build_teacher(cfg) -> Teacher:
@@ -194,7 +339,10 @@ def build_teacher(cfg) -> Teacher:
     if cfg.kind == "open_clip":
         return OpenClipTeacher(cfg.model, cfg.pretrained, cfg.get("input_size"), cfg.dtype)
     if cfg.kind == "timm":
-        return TimmTeacher(cfg.model, cfg.pretrained, cfg.get("input_size"), cfg.dtype)
+        kw = cfg.get("model_kwargs")
+        return TimmTeacher(cfg.model, cfg.pretrained, cfg.get("input_size"), cfg.dtype,
+                           dict(kw) if kw else None, cfg.get("mean"), cfg.get("std"))
     if cfg.kind == "efficientnet_lite0":
         return EfficientNetLite0Teacher(cfg.pretrained, cfg.input_size, cfg.feature_stage, cfg.dtype)
     raise ValueError(f"teacher.kind={cfg.kind!r} is unknown; use open_clip, timm or efficientnet_lite0")
+

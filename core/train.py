@@ -1,10 +1,12 @@
 """Pre-training: model construction, AdamW + warm-up/cosine, checkpoints, exact resume.
 
-A checkpoint holds everything the next step depends on -- model, optimiser, scheduler, grad scaler,
-every RNG state and the step -- and is written atomically (temp file + rename), so a job killed at any
-instant leaves either the previous checkpoint or the new one, never half a file. The data order is a
-pure function of (seed, step) (core/data.py), so a resumed job ends bit-for-bit where an uninterrupted
-one would (tests/test_resume.py proves it on CPU).
+Nothing here knows a method by name: the method (core/method.py) builds its model, its targets and its
+loss; this module runs the steps. A checkpoint holds everything the next step depends on -- model,
+optimiser, grad scaler, every rank's RNG states and the step -- and is written atomically (temp file +
+rename), so a job killed at any instant leaves either the previous checkpoint or the new one, never half
+a file. The data order is a pure function of (seed, step) (core/data.py) and so is the masking
+generator's seed (`mask_seed`), so a resumed job ends bit-for-bit where an uninterrupted one would
+(tests/test_resume.py proves it on CPU). The learning rate is a pure function of the step too (`lr_at`).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from core import data as data_lib
-from core.targets import make_targets, target_dim
-from core.vit import ViTEncoder
+from core import method as methods
+from core.vit import upgrade_state_dict
 
 
 class NonFiniteLoss(RuntimeError):
@@ -32,45 +34,39 @@ class Preempted(RuntimeError):
     """Asked to stop (signal before a time limit / preemption) after writing a checkpoint."""
 
 
-def build_encoder(cfg) -> ViTEncoder:
-    m = cfg.model
-    return ViTEncoder(m.input_size, m.patch_size, cfg.data.channels, m.embed_dim, m.depth, m.num_heads,
-                      m.mlp_ratio, m.drop_path)
-
-
-def build_model(cfg, teacher=None) -> nn.Module:
-    """The method's model (encoder + decoder), seeded by cfg.seed so the same point gets the same init."""
-    from core.mae import MAE
-    from core.mcm import MCM
-
+def build_model(cfg, teacher=None) -> methods.Method:
+    """The method's model, seeded by cfg.seed so the same point gets the same init. Parameters the
+    config leaves unused are frozen: DDP then does not wait for gradients that never come."""
     torch.manual_seed(cfg.seed)
-    enc = build_encoder(cfg)
-    meth = cfg.method
-    tdim = target_dim(meth.target, cfg.model.patch_size, cfg.data.channels, teacher)
-    common = dict(mask_ratio=meth.mask_ratio, decoder_dim=meth.decoder_dim, decoder_depth=meth.decoder_depth,
-                  decoder_heads=meth.decoder_heads, mlp_ratio=cfg.model.mlp_ratio)
-    if meth.name == "mae":
-        return MAE(enc, tdim, **common)
-    return MCM(enc, tdim, masking=meth.masking, encode_channel_forward=meth.encode_channel_forward,
-               recon_range=meth.recon_range, **common)
-
-
-def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms, tokens and the learnable encode/mask channels."""
-    decay, no_decay = [], []
+    model = methods.get(cfg.method.name).build(cfg, teacher)
+    unused = model.unused_parameters()
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(("_token", "_channel")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.pretrain.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.pretrain.betas))
+        if name in unused:
+            p.requires_grad_(False)
+    return model
 
 
-def build_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr: float):
-    from timm.scheduler import CosineLRScheduler
-    return CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), lr_min=min_lr, warmup_t=warmup_steps,
-                             warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+    """AdamW through timm: no weight decay on 1-D parameters, biases and the method's
+    `no_weight_decay()` names; the lr is set every step by `set_lr` (honours timm's `lr_scale`)."""
+    from timm.optim import create_optimizer_v2
+    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.pretrain.weight_decay,
+                               betas=tuple(cfg.pretrain.betas))
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
+    """The lr of optimiser step `step` (0-based) of `total`: linear warm-up from 0 over `warmup` steps,
+    then a half cosine that reaches `min_lr` exactly at the last step (MAE's lr_sched, per iteration)."""
+    if step < warmup:
+        return peak * step / warmup
+    span = total - 1 - warmup
+    progress = min((step - warmup) / span, 1.0) if span > 0 else 1.0
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def schedule(cfg, num_train: int, world_size: int = 1) -> tuple[int, int, float]:
@@ -82,6 +78,11 @@ def schedule(cfg, num_train: int, world_size: int = 1) -> tuple[int, int, float]
         total = min(total, cfg.pretrain.max_steps)
     warmup = min(int(round(cfg.pretrain.warmup_epochs * spe)), total)
     return total, warmup, cfg.pretrain.base_lr * cfg.pretrain.batch_size / 256
+
+
+def mask_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the masking generator at a step: every rank draws its own masks, a resumed job the same."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
 
 
 def rng_state() -> dict:
@@ -99,6 +100,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def all_rng_states(world_size: int) -> list[dict]:
+    """Every rank's RNG states (drop path and dropout draw from them), gathered for rank 0's checkpoint."""
+    mine = rng_state()
+    if world_size == 1:
+        return [mine]
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: write a temp file in the same folder, fsync, rename over the old checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,30 +125,41 @@ def load_checkpoint(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 
 
-def train_step(cfg, net: nn.Module, opt, scaler, imgs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-               teacher=None, amp_dtype=None, target_ctx=nullcontext(), student_ctx=nullcontext()) -> torch.Tensor:
-    """One optimiser step on imgs: [B, C, H, W] in [0, 1]; returns the loss (detached).
+def all_finite(loss: torch.Tensor, world_size: int = 1) -> bool:
+    """True if the loss is finite on every rank: under DDP all ranks must skip (and stop) together, or
+    the healthy ones wait forever in the gradient all-reduce."""
+    ok = torch.isfinite(loss.detach()).all()
+    if world_size > 1:
+        flag = ok.to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        ok = flag[0] > 0
+    return bool(ok)
+
+
+def train_step(model, net: nn.Module, opt, scaler, imgs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+               teacher=None, amp_dtype=None, grad_clip: float | None = None, world_size: int = 1,
+               target_ctx=nullcontext(), student_ctx=nullcontext()) -> tuple[torch.Tensor, bool]:
+    """One optimiser step on imgs: [B, C, H, W] in [0, 1]; returns (the loss, detached; whether it was
+    finite on every rank). `model` is the Method, `net` what runs it (the DDP wrapper or the model).
 
     The contexts wrap target computation and the student's forward/backward apart (bench/ counts FLOPs
-    of each). A non-finite loss skips the update and is returned for the caller to act on."""
+    of each). A non-finite loss skips the update on every rank; the caller stops the run."""
     x = (imgs - mean) / std
     with target_ctx:
-        # Pixel targets come from the normalised input (as MAE); a teacher sees the raw image.
-        target = make_targets(cfg.method.target, imgs if cfg.method.target == "teacher" else x,
-                              cfg.model.patch_size, teacher)
+        targets = model.make_targets(imgs, x, teacher)
     with student_ctx:
         with torch.autocast(imgs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, _ = net(x, target)
-        if not torch.isfinite(loss):
-            return loss.detach()
+            loss, _ = net(x, targets)
+        if not all_finite(loss, world_size):
+            return loss.detach(), False
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-    if cfg.pretrain.grad_clip:
+    if grad_clip:
         scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(net.parameters(), cfg.pretrain.grad_clip)
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     scaler.step(opt)
     scaler.update()
-    return loss.detach()
+    return loss.detach(), True
 
 
 def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, device: torch.device,
@@ -151,25 +173,24 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
     p = cfg.pretrain
     total, warmup, lr = schedule(cfg, len(train_split.dataset), world_size)
     opt = build_optimizer(model, cfg, lr)
-    sched = build_scheduler(opt, total, warmup, p.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=p.precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.precision)
     step, ckpt = 0, load_checkpoint(ckpt_path)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(upgrade_state_dict(model, ckpt["model"]))
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank (older: one)
+        set_rng_state(rng[rank] if rank < len(rng) else rng[0])
         step = ckpt["step"]
     resumed_from = step
     net = ddp_model or model
 
     def checkpoint():
+        states = all_rng_states(world_size)
         if rank == 0:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                        "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                                        "rng": rng_state(), "step": step})
+                                        "scaler": scaler.state_dict(), "rng": states, "step": step})
         log.flush()
 
     mean = torch.tensor(cfg.data.mean, device=device).view(1, -1, 1, 1)
@@ -181,17 +202,20 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
     t_start, t_window, n_window, n_total = time.perf_counter(), time.perf_counter(), 0, 0
     for imgs, _ in loader:
         imgs = imgs.to(device, non_blocking=True)
-        loss = train_step(cfg, net, opt, scaler, imgs, mean, std, teacher, amp_dtype)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at step {step + 1}")
+        lr_now = lr_at(step, total, warmup, lr, p.min_lr)
+        set_lr(opt, lr_now)
+        model.seed(mask_seed(cfg.seed, rank, step))
+        loss, finite = train_step(model, net, opt, scaler, imgs, mean, std, teacher, amp_dtype, p.grad_clip,
+                                  world_size)
+        if not finite:
+            raise NonFiniteLoss(f"loss is {loss.item()} on this rank at step {step + 1} (not finite on some rank)")
         step += 1
-        sched.step_update(step)
         n_window += imgs.shape[0] * world_size
         n_total += imgs.shape[0] * world_size
         if step % p.log_every == 0 or step == total:
             now = time.perf_counter()
             log("train_loss", loss.item(), step)
-            log("lr", opt.param_groups[0]["lr"], step)
+            log("lr", lr_now, step)
             log("throughput_img_s", n_window / max(now - t_window, 1e-9), step)
             log("progress", step / total, step)
             t_window, n_window = now, 0

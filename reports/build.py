@@ -107,12 +107,17 @@ def describe(planned: list) -> str:
         + ("" if steps == "None" else f", at most {steps} steps")
         + f", batch {value('pretrain.batch_size')}",
     ]
-    if any(pl.cfg.method.target == "teacher" for pl in planned):
+    from core import method as methods
+    if any(methods.get(pl.cfg.method.name).teacher_request(pl.cfg) is not None for pl in planned):
         parts.append(f"teacher {value('teacher.model')} ({value('teacher.pretrained')})")
+    parts.append(f"target {value('method.target')}")
+    if value("task") == "flops":
+        del parts[2:4]  # no data is read and nothing is trained
+        parts.append("FLOPs per image of the transformer blocks, counted by torch's FlopCounterMode, beside "
+                     "the paper's cost model")
     else:
-        parts.append(f"target {value('method.target')}")
-    parts.append(f"top-1 % on frozen {value('evaluate.pool')}-pooled features "
-                 f"(k-NN k={value('evaluate.knn.k')}, linear probe {value('evaluate.linear.epochs')} ep)")
+        parts.append(f"top-1 % on frozen {value('evaluate.pool')}-pooled features "
+                     f"(k-NN k={value('evaluate.knn.k')}, linear probe {value('evaluate.linear.epochs')} ep)")
     return "; ".join(parts) + "."
 
 
@@ -159,8 +164,8 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
         return 1
 
     labels = list(dict.fromkeys(pl.point.label for pl in planned))  # grid order, one row per label
-    agg = table.aggregate(runs, labels)
     spec = OmegaConf.to_container(cfg.sweep, resolve=True)
+    agg = table.aggregate(runs, labels, metrics=list(table.metrics_of(spec)))
     try:
         rep = table.build(agg, spec, caption=describe(planned), missing=len(planned) - len(runs),
                           expected=len(planned), run_command=command)

@@ -4,19 +4,23 @@
     Report --> to_markdown / to_latex / to_html / to_csv / plot (PNG bytes)
 
 Rows are the swept values (grid order), then the paper's reference rows that our grid lacks (e.g. the
-paper's 300/1600 epochs next to our 1..8), with empty "ours" cells. Our columns are the frozen-feature
-top-1 accuracies and their random-init floors (mean ± std over seeds, and n); the paper's columns come
-from the spec's `report.reference`. Every format bolds the best value of each metric column and marks
-the paper's default row, so they all say the same thing.
+paper's 300/1600 epochs next to our 1..8), with empty "ours" cells. Our columns are, by default, the
+frozen-feature top-1 accuracies and their random-init floors (mean ± std over seeds, and n); a spec may
+name other MLflow metrics (`report.metrics: {key: heading}`, e.g. time per epoch or FLOPs), say whether
+higher or lower is better (`report.best: highest | lowest`), and add each metric relative to one of its
+rows (`report.relative_to: {label: ROW, as: ratio | percent}`). The paper's columns come from the spec's
+`report.reference` (null = the paper printed no number there). Every format bolds the best value of each
+metric column and marks the paper's default row, so they all say the same thing.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
+import math
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -47,10 +51,35 @@ class Report:
     missing: int = 0          # grid points (label x seed) without a finished run
     expected: int = 0         # grid points in all
     run_command: str = ""     # how to run the missing points
+    metrics: dict[str, str] = field(default_factory=lambda: dict(METRICS))  # our columns: key -> heading
+    best_is: str = "highest"  # or "lowest" (times, FLOPs)
+    relative_to: str | None = None   # a row label: each metric is also shown relative to that row
+    relative_as: str = "ratio"       # ratio (x) | percent (change in %)
 
     @property
     def paper_columns(self) -> list[str]:
         return [c for c in self.frame.columns if c.startswith(PAPER)]
+
+    @property
+    def shown_metrics(self) -> list[str]:
+        return [m for m in self.metrics if f"{m}_mean" in self.frame]
+
+    @property
+    def relative_columns(self) -> list[str]:
+        return [f"{m}_rel" for m in self.shown_metrics if f"{m}_rel" in self.frame]
+
+    def heading(self, col: str) -> str:
+        """The heading of one of our columns (`<metric>_mean` or `<metric>_rel`)."""
+        m, kind = col.rsplit("_", 1)
+        if kind == "mean":
+            return self.metrics[m]
+        return f"{self.metrics[m]} {'÷' if self.relative_as == 'ratio' else 'vs'} {self.relative_to}" + (
+            "" if self.relative_as == "ratio" else " (%)")
+
+
+def metrics_of(spec: dict) -> dict[str, str]:
+    """The spec's `report.metrics` (MLflow key -> heading), or the default accuracy columns."""
+    return dict((spec.get("report") or {}).get("metrics") or METRICS)
 
 
 def aggregate(runs: pd.DataFrame, labels: Sequence[str], metrics: Sequence[str] = tuple(METRICS)) -> pd.DataFrame:
@@ -78,7 +107,7 @@ def reference_frame(reference: dict | None) -> pd.DataFrame:
         if len(values) != len(columns):  # a typo in the spec must not shift numbers into the wrong column
             raise ValueError(f"report.reference.rows[{label!r}] has {len(values)} values for "
                              f"{len(columns)} reference.columns")
-    return pd.DataFrame([[float(v) for v in vals] for vals in rows.values()],
+    return pd.DataFrame([[math.nan if v is None else float(v) for v in vals] for vals in rows.values()],
                         index=pd.Index([str(k) for k in rows], name="label"), columns=columns, dtype=float)
 
 
@@ -92,24 +121,43 @@ def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0,
     frame = agg.set_axis(grid).reindex(grid + extra).join(paper)
     frame.index.name = "label"
     default = rep.get("default")
+    metrics = metrics_of(spec)
+    relative = rep.get("relative_to") or {}
+    ref_row, rel_as = relative.get("label"), relative.get("as", "ratio")
+    if ref_row is not None:
+        ref_row = str(ref_row)
+        if ref_row not in grid:
+            raise ValueError(f"report.relative_to.label={ref_row!r} is not a row of the grid ({', '.join(grid)})")
+        if rel_as not in ("ratio", "percent"):
+            raise ValueError(f"report.relative_to.as={rel_as!r} must be ratio or percent")
+        for m in metrics:
+            if f"{m}_mean" in frame:
+                r = frame[f"{m}_mean"] / frame.at[ref_row, f"{m}_mean"]
+                frame[f"{m}_rel"] = r if rel_as == "ratio" else 100 * (r - 1)
+    best_is = rep.get("best", "highest")
+    if best_is not in ("highest", "lowest"):
+        raise ValueError(f"report.best={best_is!r} must be highest or lowest")
     return Report(name=str(spec.get("name", "sweep")),
                   title=str(rep.get("title") or spec.get("title") or spec.get("name")),
                   row_title=str(rep.get("row_title") or "setting"), frame=frame, grid_labels=grid,
                   default=None if default is None else str(default),
                   source=str((rep.get("reference") or {}).get("source") or ""),
-                  caption=caption, missing=missing, expected=expected, run_command=run_command)
+                  caption=caption, missing=missing, expected=expected, run_command=run_command,
+                  metrics=metrics, best_is=best_is, relative_to=ref_row, relative_as=rel_as)
 
 
 def best(report: Report) -> pd.DataFrame:
-    """True where a cell holds its column's best (highest) value, as displayed. Ties are all best; a
-    column with fewer than two distinct values has no best (bolding every row says nothing)."""
+    """True where a cell holds its column's best value (highest, or lowest if the spec says so), as
+    displayed. Ties are all best; a column with fewer than two distinct values has no best (bolding every
+    row says nothing). Relative columns repeat their metric and are not bolded."""
     f = report.frame
     mask = pd.DataFrame(False, index=f.index, columns=f.columns)
-    for col in [f"{m}_mean" for m in METRICS if f"{m}_mean" in f] + report.paper_columns:
+    for col in [f"{m}_mean" for m in report.shown_metrics] + report.paper_columns:
         values = f[col] if col.startswith(PAPER) else f.loc[report.grid_labels, col]
         shown = values.round(DECIMALS).dropna()
         if shown.nunique() >= 2:
-            mask.loc[shown.index[shown == shown.max()], col] = True
+            target = shown.min() if report.best_is == "lowest" else shown.max()
+            mask.loc[shown.index[shown == target], col] = True
     return mask
 
 
@@ -134,8 +182,8 @@ def paper_decimals(values: pd.Series) -> int:
 
 
 def headers(report: Report) -> list[str]:
-    return [report.row_title, *[METRICS[m] for m in METRICS if f"{m}_mean" in report.frame], "n",
-            *report.paper_columns]
+    return [report.row_title, *[report.metrics[m] for m in report.shown_metrics],
+            *[report.heading(c) for c in report.relative_columns], "n", *report.paper_columns]
 
 
 def cells(report: Report, style: Style) -> list[list[str]]:
@@ -146,9 +194,7 @@ def cells(report: Report, style: Style) -> list[list[str]]:
     for label in f.index:
         ours = label in report.grid_labels
         row = [style.escape(label + (DEFAULT_MARK if label == report.default else ""))]
-        for m in METRICS:
-            if f"{m}_mean" not in f:
-                continue
+        for m in report.shown_metrics:
             mean, std = f.at[label, f"{m}_mean"], f.at[label, f"{m}_std"]
             if not ours:
                 text = ""                          # a paper-only row: we have no such point
@@ -158,6 +204,12 @@ def cells(report: Report, style: Style) -> list[list[str]]:
                 text = _num(mean) + ("" if pd.isna(std) else style.pm + _num(std))
                 text = style.bold(text) if is_best.at[label, f"{m}_mean"] else text
             row.append(text)
+        for col in report.relative_columns:
+            v = f.at[label, col]
+            if not ours or pd.isna(v):
+                row.append("" if not ours else style.missing)
+            else:
+                row.append(f"{v:.2f}×" if report.relative_as == "ratio" else f"{v:+.1f}")
         row.append(str(int(f.at[label, "n"])) if ours else "")
         for col in report.paper_columns:
             v = f.at[label, col]
@@ -170,7 +222,8 @@ def cells(report: Report, style: Style) -> list[list[str]]:
 def notes(report: Report, escape: Callable[[str], str] = lambda s: s,
           code: Callable[[str], str] = lambda s: s) -> list[str]:
     """Footnotes shared by every format; `escape` is the format's text escaping, `code` sets a command."""
-    out = ["Bold: best per column. Ours: mean ± std over seeds (n runs); floor: the same encoder at random init."]
+    floor = "; floor: the same encoder at random init" if any(m.startswith("floor_") for m in report.shown_metrics) else ""
+    out = [f"Bold: best per column. Ours: mean ± std over seeds (n runs){floor}."]
     if report.default is not None:
         out.append(f"(default): the paper's default setting ({report.default}).")
     if report.missing:
@@ -304,20 +357,19 @@ def plot(report: Report) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     handles = []
-    colors = {"knn_top1": "tab:blue", "linear_top1": "tab:orange"}
-    for m, color in colors.items():
-        if f"{m}_mean" not in f:
-            continue
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    mains = [m for m in report.shown_metrics if not m.startswith("floor_")]
+    for m, color in zip(mains, palette):
         mean, std = f[f"{m}_mean"], f[f"{m}_std"]
         if mean.notna().any():
             yerr = std.fillna(0) if std.notna().any() else None  # bars only where seeds give a spread
-            h = ax.errorbar(x, mean, yerr=yerr, color=color, marker="o", capsize=3, label=f"ours: {METRICS[m]}")
+            h = ax.errorbar(x, mean, yerr=yerr, color=color, marker="o", capsize=3, label=f"ours: {report.metrics[m]}")
             handles.append(h)
         floor = f.get(f"floor_{m}_mean")
-        if floor is not None and floor.notna().any():
-            (h,) = ax.plot(x, floor, color=color, linestyle="--", alpha=.7, label=f"ours: {METRICS['floor_' + m]}")
+        if f"floor_{m}" in report.metrics and floor is not None and floor.notna().any():
+            (h,) = ax.plot(x, floor, color=color, linestyle="--", alpha=.7, label=f"ours: {report.metrics['floor_' + m]}")
             handles.append(h)
-    ax.set_ylabel("top-1 % (ours, frozen features)")
+    ax.set_ylabel("top-1 % (ours, frozen features)" if report.metrics == METRICS else "ours")
     ax.set_xlabel(report.row_title)
     ax.set_xticks(x, [lab + ("*" if lab == report.default else "") for lab in labels])
     if report.default in labels:  # shade the paper's default setting

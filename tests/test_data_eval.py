@@ -81,7 +81,7 @@ def test_bf16_autocast_step_trains(compose, tmp_path):
     cfg = compose(*TINY, "pretrain.precision=bf16", "pretrain.max_steps=2", "method.target=norm_pixel",
                   "pretrain.grad_clip=1.0")
     model = build_model(cfg)
-    before = model.encoder.patch_embed.weight.clone()
+    before = model.encoder.patch_embed.proj.weight.clone()
     stats = pretrain(cfg, model, None, load_split(cfg.data, "train"), tmp_path / "c.pt", FlushedLog(),
                      torch.device("cpu"))
-    assert stats["steps"] == 2 and not torch.equal(before, model.encoder.patch_embed.weight)
+    assert stats["steps"] == 2 and not torch.equal(before, model.encoder.patch_embed.proj.weight)

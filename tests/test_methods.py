@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from core.mae import MAE
+from core.mae import MAE, random_patch_masking
 from core.mcm import MCM
 from core.vit import ViTEncoder, patchify
 
@@ -88,9 +88,8 @@ def test_mcm_reconstruction_range():
 
 
 def test_mae_keeps_the_right_patches_and_restores_their_order():
-    m = MAE(encoder(), target_dim=16, mask_ratio=0.75, decoder_dim=16, decoder_depth=1, decoder_heads=2)
     x = torch.arange(2 * 16 * 3, dtype=torch.float).view(2, 16, 3)
-    x_vis, mask, ids_restore = m.random_masking(x)
+    x_vis, mask, ids_restore = random_patch_masking(x, 0.75, torch.Generator().manual_seed(0))
     assert x_vis.shape == (2, 4, 3)
     assert (mask.sum(1) == 12).all()
     for b in range(2):
@@ -158,3 +157,55 @@ def test_target_projection_is_identity_when_widths_match_and_isometric_when_wide
     m = MCM(encoder(dim=32), target_dim=16)     # 16 -> 32 channels: norms preserved
     t = torch.randn(2, 16, 16)
     assert torch.allclose(m.project_target(t).norm(dim=-1), t.norm(dim=-1), atol=1e-4)
+
+
+def test_mae_decoder_puts_mask_tokens_at_the_dropped_positions_and_learns_only_from_them():
+    m = MAE(encoder(), target_dim=16, mask_ratio=0.75, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    x = torch.rand(2, 1, 16, 16)
+    m.seed(3)
+    latent, mask, ids_restore = m.forward_encoder(x)
+    assert latent.shape == (2, 1 + 4, 32) and mask.shape == (2, 16)
+    seen = {}
+    h = m.decoder_blocks[0].register_forward_pre_hook(lambda mod, a: seen.setdefault("x", a[0]))
+    pred = m.forward_decoder(latent, ids_restore)
+    h.remove()
+    assert pred.shape == (2, 16, 16)
+    dec_in = seen["x"][:, 1:] - m.decoder_pos_embed[:, 1:]               # decoder input minus positions
+    masked, visible = mask.bool(), ~mask.bool()
+    assert torch.allclose(dec_in[masked], m.mask_token[0].expand(int(masked.sum()), -1), atol=1e-6)
+    # the visible positions carry the encoder's tokens, each put back where its patch came from
+    emb = m.decoder_embed(latent)[:, 1:]                                  # [B, K, d] in keep order
+    kept_at = torch.argsort(ids_restore, dim=1)[:, :4]                    # ids_shuffle[:, :K]
+    for b in range(2):
+        assert torch.allclose(dec_in[b][kept_at[b]], emb[b], atol=1e-6)
+        assert visible[b][kept_at[b]].all()
+    # the loss reads only masked predictions: visible ones get no gradient
+    pred = pred.detach().requires_grad_(True)
+    MAE.forward_loss(pred, torch.randn(2, 16, 16), mask).backward()
+    assert pred.grad[visible].abs().sum() == 0 and pred.grad[masked].abs().sum() > 0
+
+
+def test_mae_draws_masks_from_its_own_generator_reproducibly():
+    m = MAE(encoder(), target_dim=16, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    x = torch.rand(2, 1, 16, 16)
+    m.seed(5)
+    _, a, _ = m.forward_encoder(x)
+    torch.manual_seed(123)                           # the global RNG does not move the masks
+    m.seed(5)
+    _, b, _ = m.forward_encoder(x)
+    m.seed(6)
+    _, c, _ = m.forward_encoder(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mcm_predicts_in_the_teacher_width_when_the_teacher_is_wider():
+    # ViT-S (384) with a CLIP-B (768) teacher, scaled down: D = 32, T = 64. Nothing of the target is lost.
+    m = MCM(encoder(dim=32), target_dim=64)
+    t = torch.randn(2, 16, 64)
+    projected = m.project_target(t)
+    assert projected.shape == (2, 16, 64) and torch.equal(projected, t)
+    loss, out = m(torch.rand(2, 1, 16, 16), t)
+    assert out["pred"].shape == (2, 16, 64) and torch.isfinite(loss)
+    from core.config import ConfigError
+    with pytest.raises(ConfigError, match="method.recon_range"):
+        MCM(encoder(dim=32), target_dim=64, recon_range="masked")

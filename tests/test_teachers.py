@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from core.method import TeacherRequest
 from core.teachers import EfficientNetLite0Teacher, OpenClipTeacher, TimmTeacher
 
 
@@ -10,15 +11,27 @@ def _frozen(t):
     return not t.training and all(not p.requires_grad for p in t.parameters())
 
 
-def test_open_clip_teacher_gives_final_and_per_layer_features_on_the_student_grid(tmp_path):
+ALL = TeacherRequest(patch=True, cls=True, layers=tuple(range(-12, 0)), cls_attention=True)
+
+
+def test_open_clip_teacher_gives_every_output_on_the_student_grid(tmp_path):
     t = OpenClipTeacher("ViT-S-32", "random")
-    out = t(torch.rand(2, 1, 28, 28), grid=7, all_layers=True)
-    assert out.patch.shape == (2, 49, t.width)
-    assert len(out.layers) == len(t.visual.transformer.resblocks)
+    imgs = torch.rand(2, 1, 28, 28)
+    out = t(imgs, grid=7, request=ALL)
+    assert out.patch.shape == (2, 49, t.width) and out.cls.shape == (2, t.width)
+    assert len(out.layers) == len(t.visual.transformer.resblocks) == len(out.layers_cls)
     assert all(x.shape == (2, 49, t.width) for x in out.layers)
+    assert out.cls_attention.shape == (2, 49) and torch.allclose(out.cls_attention.sum(-1), torch.ones(2))
     assert _frozen(t) and t.input_size == 224
     t.train()
     assert not t.training                                    # a teacher never leaves eval mode
+
+    # "final" = after ln_post, before the projection: exactly open_clip's own token output
+    t.visual.output_tokens = True
+    _, tokens = t.visual(t.prepare(imgs))
+    ref = TeacherRequest(patch=True)
+    own = t(imgs, grid=7, request=ref).patch                  # 7x7 grid pooled from the 7x7 tokens of 224/32
+    assert torch.allclose(own, tokens, atol=1e-5)
 
     # a local checkpoint file loads its weights (how pretrained CLIP arrives on an offline cluster)
     import open_clip
@@ -30,15 +43,72 @@ def test_open_clip_teacher_gives_final_and_per_layer_features_on_the_student_gri
     assert not torch.equal(t.visual.conv1.weight, clip.visual.conv1.weight)
 
 
-def test_timm_teacher_loads_a_local_checkpoint(tmp_path):
+def test_open_clip_cls_attention_is_the_last_blocks_attention_row():
+    t = OpenClipTeacher("ViT-S-32", "random")
+    x = t.prepare(torch.rand(2, 3, 224, 224))
+    taken = {}
+    last = t.visual.transformer.resblocks[-1]
+    h = last.register_forward_pre_hook(lambda m, a: taken.setdefault("x", a[0]))
+    out = t(torch.rand(1, 3, 8, 8), grid=7, request=TeacherRequest(cls_attention=True))  # warm: shape only
+    taken.clear()
+    with torch.no_grad():
+        t.visual.transformer(t.visual._embeds(x))
+    h.remove()
+    y = last.ln_1(taken["x"])
+    _, w = last.attn(y, y, y, need_weights=True, average_attn_weights=True)   # [B, L, L], mean over heads
+    expected = w[:, 0, 1:] / w[:, 0, 1:].sum(-1, keepdim=True)
+    got = t.run(x, TeacherRequest(cls_attention=True)).cls_attention
+    assert out.cls_attention.shape == (1, 49)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_teacher_runs_only_as_deep_as_the_layers_asked_for():
+    t = OpenClipTeacher("ViT-S-32", "random")
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+             for k, b in enumerate(t.visual.transformer.resblocks)]
+    out = t(torch.rand(1, 3, 64, 64), grid=2, request=TeacherRequest(layers=(2, 4)))
+    assert ran == [0, 1, 2, 3, 4] and out.patch is None and len(out.layers) == 2
+    ran.clear()
+    t(torch.rand(1, 3, 64, 64), grid=2, request=TeacherRequest(patch=True))
+    assert ran == list(range(12))
+    for h in hooks:
+        h.remove()
+
+
+def test_timm_vit_teacher_outputs_match_timm_itself(tmp_path):
     import timm
     net = timm.create_model("vit_tiny_patch16_224", num_classes=0)
     path = tmp_path / "vit_tiny.pth"
     torch.save(net.state_dict(), path)
     t = TimmTeacher("vit_tiny_patch16_224", str(path), input_size=224)
     assert torch.equal(t.net.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
-    out = t(torch.rand(2, 3, 32, 32), grid=4, all_layers=True)
-    assert out.patch.shape == (2, 16, 192) and len(out.layers) == 12 and _frozen(t)
+    imgs = torch.rand(2, 3, 32, 32)
+    out = t(imgs, grid=14, request=ALL)
+    assert out.patch.shape == (2, 196, 192) and len(out.layers) == 12 and _frozen(t)
+    with torch.no_grad():
+        x = t.prepare(imgs)
+        feats = net.forward_features(x)                      # after the final norm: the same "final"
+        inter = net.forward_intermediates(x, intermediates_only=True, output_fmt="NLC", norm=False)
+        blk = net.blocks[-1]
+        pre = net.forward_intermediates(x, indices=[10], intermediates_only=True, output_fmt="NLC")[0]
+    assert torch.allclose(out.patch, feats[:, 1:], atol=1e-5) and torch.allclose(out.cls, feats[:, 0], atol=1e-5)
+    assert torch.allclose(out.layers[3], inter[3], atol=1e-5)
+    # [CLS] attention of the last block, by the textbook formula on its qkv weights
+    with torch.no_grad():
+        full = net.blocks[:11](net.norm_pre(net._pos_embed(net.patch_embed(x))))
+        B, L, D = full.shape
+        q, k, _ = blk.attn.qkv(blk.norm1(full)).reshape(B, L, 3, 3, 64).permute(2, 0, 3, 1, 4)
+        w = (q @ k.transpose(-2, -1) * 64 ** -0.5).softmax(-1).mean(1)[:, 0, 1:]
+    assert torch.allclose(out.cls_attention, w / w.sum(-1, keepdim=True), atol=1e-5)
+    assert pre.shape[1] == 196
+
+
+def test_a_teacher_without_cls_is_refused_when_the_method_needs_one(compose):
+    from core.config import ConfigError, _validate_teacher
+    cfg = compose("teacher=efficientnet_lite0")
+    with pytest.raises(ConfigError, match="teacher.kind"):
+        _validate_teacher(cfg, TeacherRequest(cls_attention=True))
 
 
 def _knn_accuracy(feats, labels):
