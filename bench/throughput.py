@@ -25,8 +25,11 @@ Notes on the numbers:
 - Step and target times are medians over the timed steps, so one step slowed by another process on a
   shared machine does not skew a row; the header prints the load average to judge that.
 
-    python bench/throughput.py                                   # micro/tiny/small, mae+mcm, both targets
+    python bench/throughput.py                                   # micro/tiny/small x mae/mcm/semanticmim
     python bench/throughput.py --models vit_base --steps 2        # ViT-B/16 (slow on CPU)
+    python bench/throughput.py --methods semanticmim --models vit_tiny,vit_base --batch 32 \
+        --override method.target=hog --override method.mask_ratio=0.8    # MaskFeat + 8 proxies (official config)
+    python bench/throughput.py --methods mae,mcm --targets norm_pixel,teacher   # both targets of each
     python bench/throughput.py --device cuda --precision bf16 --json out.json
     python bench/throughput.py --methods mcm --targets teacher \\
         --override teacher=clip_vit_b16 --override teacher.pretrained=random   # cost of a CLIP teacher
@@ -48,7 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -56,10 +59,12 @@ if str(REPO) not in sys.path:
 
 from core import method as methods  # noqa: E402
 from core.config import CONFIG_DIR, SEARCHPATH  # noqa: E402
+from core.flops import CPU_ATTENTION_FLOPS  # noqa: E402
 from core.teachers import build_teacher  # noqa: E402
 from core.train import build_model, build_optimizer, schedule  # noqa: E402
 from core.train import train_step as core_train_step  # noqa: E402
 
+DEFAULT_METHODS = "mae,mcm,semanticmim"
 DEFAULT_MODELS = "vit_micro,vit_tiny,vit_small"  # vit_base: several minutes per point on 2 CPU cores
 DATA_FOR_MODEL = {"vit_micro": "fashion_mnist_embedded"}  # every other model: 224 px, 3 channels
 DEFAULT_DATA = "imagenet"
@@ -68,16 +73,6 @@ DEFAULT_BATCH = {"cpu": {"vit_micro": 64, "*": 8}, "cuda": {"vit_micro": 256, "*
 DEFAULT_STEPS = {"vit_micro": 5, "vit_base": 2, "*": 3}
 WARMUP_STEPS = 2
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-
-aten = torch.ops.aten
-# FlopCounterMode knows the CUDA flash/efficient/cuDNN attention kernels but not the CPU one.
-CPU_ATTENTION_FLOPS = {
-    aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
-    aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad_out, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad_out, q, k, v),
-}
-
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -89,8 +84,8 @@ def compose_point(method: str, model: str, target: str, batch: int, precision: s
     from hydra import compose
     from omegaconf import OmegaConf
 
-    overrides = [SEARCHPATH, f"method={method}", f"model={model}",
-                 f"data={DATA_FOR_MODEL.get(model, DEFAULT_DATA)}", f"method.target={target}",
+    overrides = [SEARCHPATH, f"method={method}", f"model={model}", f"data={DATA_FOR_MODEL.get(model, DEFAULT_DATA)}",
+                 *([] if target == "default" else [f"method.target={target}"]),
                  f"pretrain.batch_size={batch}", f"pretrain.precision={precision}", *extra]
     cfg = compose(config_name="config", overrides=overrides)
     OmegaConf.resolve(cfg)
@@ -232,11 +227,15 @@ class Result:
     step_laps_ms: list[float]
 
 
-def run_point(method: str, model: str, target: str, args, device: torch.device, teachers: dict) -> Result:
-    """Build, count and time one point; the peak columns are filled in by `with_peak` at the end."""
+def run_point(method: str, model: str, target: str, args, device: torch.device, teachers: dict) -> Result | None:
+    """Build, count and time one point (None if the method has no such target); the peak columns are
+    filled in by `with_peak` at the end."""
     batch = args.batch or pick(DEFAULT_BATCH[device.type], model)
     steps = args.steps or pick(DEFAULT_STEPS, model)
     cfg = compose_point(method, model, target, batch, args.precision, args.override)
+    if cfg.method.target not in methods.get(cfg.method.name).targets:
+        return None
+    target = cfg.method.target
     teacher = None
     if methods.get(cfg.method.name).teacher_request(cfg) is not None:
         from omegaconf import OmegaConf
@@ -315,8 +314,11 @@ def parse_args(argv=None):
     csv = lambda s: [x for x in s.split(",") if x]
     ap.add_argument("--models", type=csv, default=csv(DEFAULT_MODELS),
                     help=f"comma-separated model configs (default {DEFAULT_MODELS}; add vit_base explicitly)")
-    ap.add_argument("--methods", type=csv, default=["mae", "mcm"])
-    ap.add_argument("--targets", type=csv, default=["norm_pixel", "teacher"])
+    ap.add_argument("--methods", type=csv, default=DEFAULT_METHODS.split(","),
+                    help=f"method configs (sweeps/conf/method/*.yaml; default {DEFAULT_METHODS})")
+    ap.add_argument("--targets", type=csv, default=["default"],
+                    help="targets to try for every method (`default` = the method config's own target); "
+                         "a target a method does not have is skipped")
     ap.add_argument("--steps", type=int, default=None,
                     help=f"timed steps per point after {WARMUP_STEPS} warm-up steps "
                          f"(default {DEFAULT_STEPS['vit_micro']} for vit_micro, {DEFAULT_STEPS['*']} for 224 px "
@@ -358,6 +360,9 @@ def main(argv=None) -> list[Result]:
             for model in args.models:
                 for target in args.targets:
                     r = run_point(method, model, target, args, device, teachers)
+                    if r is None:
+                        print(f"  {method:4s} {model:10s} {target:10s} (not a target of this method: skipped)")
+                        continue
                     results.append(r)
                     print(f"  {method:4s} {model:10s} {target:10s} {r.img_per_s:9.1f} img/s "
                           f"{r.step_ms:8.1f} ms/step", flush=True)

@@ -49,7 +49,10 @@ def init_distributed(rank: int, world: int, device: torch.device) -> None:
 
 
 def log_artifacts(c, run_id: str, model, teacher, split, cfg, device) -> None:
-    """The method's pictures (attention maps, ...) of a few test images, as PNGs in the run."""
+    """After pre-training: the method's pictures (attention maps, ...) of a few test images as PNGs in
+    `figures/`, and the encoder as a timm state_dict in `encoder/` (`timm.create_model(name,
+    checkpoint_path=".../timm_state_dict.pth", **timm_kwargs.json)`; what detectron2/mmseg backbones take)."""
+    import json
     import tempfile
 
     from core.data import Plain
@@ -61,11 +64,17 @@ def log_artifacts(c, run_id: str, model, teacher, split, cfg, device) -> None:
     with torch.no_grad():
         files = model.artifacts(imgs, (imgs - mean) / std, teacher)
     model.train()
-    if files:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in files.items():
-                (Path(tmp) / name).write_bytes(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        if files:
             c.log_artifacts(run_id, tmp, "figures")
+        export = Path(tmp) / "encoder"
+        export.mkdir()
+        torch.save(model.encoder.timm_state_dict(), export / "timm_state_dict.pth")
+        (export / "timm_kwargs.json").write_text(json.dumps(
+            {"model_name": "vit_base_patch16_224", **model.encoder.timm_kwargs()}, indent=1))
+        c.log_artifacts(run_id, str(export), "encoder")
 
 
 def _count_flops(cfg, run_id: str, c, log) -> dict:

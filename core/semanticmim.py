@@ -108,6 +108,9 @@ class SemanticMIM(Method):
                 check(bool(path) and resolve_path(path).is_file(), "method.tokenizer.path", path,
                       "must be a local copy of the DALL-E dVAE encoder (encoder.pkl)",
                       "Download https://cdn.openai.com/dall-e/encoder.pkl onto the cluster and set the key.")
+                import importlib.util
+                check(importlib.util.find_spec("dall_e") is not None, "method.tokenizer.kind", "dalle",
+                      "needs the `dall_e` package to unpickle the encoder", "pip install 'mimsweep[dalle]'.")
 
     @staticmethod
     def hog_cell(cfg) -> int:

@@ -26,6 +26,10 @@ from tests.conftest import REPO, run_cli
     ("teacher.pretrained=/no/such/file.pt", "teacher.pretrained"),
     ("evaluate.pool=max", "evaluate.pool"),
     ("data.crop_scale=[0.9,0.2]", "data.crop_scale"),
+    ("data.crop_scale=0.5", "data.crop_scale"),
+    ("pretrain.betas=0.9", "pretrain.betas"),
+    ("method.target_norm=rms", "method.target_norm"),
+    ("task=finetune", "task"),
 ])
 def test_bad_values_name_their_key(compose, override, key):
     with pytest.raises(ConfigError) as err:
@@ -41,8 +45,23 @@ def test_teacher_width_must_be_known(compose):
         validate(compose("teacher=clip_vit_b16", "teacher.pretrained=nonsense"))
 
 
+@pytest.mark.parametrize("override, key", [
+    ("method.num_proxies=-1", "method.num_proxies"),
+    ("method.hog_cell_size=3", "method.hog_cell_size"),
+    ("method.tokenizer.kind=vqgan", "method.tokenizer.kind"),
+    ("method.tokenizer.kind=dalle", "method.tokenizer.path"),
+    ("method.mask_ratio=0.999", "method.mask_ratio"),
+])
+def test_semanticmim_values_name_their_key(compose, override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(compose("method=semanticmim", "method.target=tokens" if "tokenizer" in override else "task=train",
+                         override))
+    assert err.value.key == key
+
+
 def test_every_shipped_config_combination_validates(compose):
-    for method in ("mae", "mcm"):
+    from core.config import CONFIG_DIR
+    for method in sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")):
         for model in ("vit_micro", "vit_tiny", "vit_small", "vit_base"):
             validate(compose(f"method={method}", f"model={model}"))
     for teacher in ("efficientnet_lite0", "clip_vit_b16", "clip_vit_l14"):

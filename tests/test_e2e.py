@@ -1,6 +1,7 @@
 """End to end, the way a user runs it: a smoke sweep into a fresh MLflow store, a re-run that runs
 nothing, a failing point that is the only one redone, and the rebuilt table."""
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -89,3 +90,23 @@ def test_report_rebuilds_the_table_from_mlflow(swept):
     assert list(table.index[table["ours"]]) == ["60%", "75%", "80%", "90%"]
     for label, knn in tracked.items():
         assert table.loc[label, "knn_top1_mean"] == pytest.approx(knn, abs=1e-6)
+
+
+def test_every_point_leaves_a_timm_loadable_encoder_and_its_figures(swept, tmp_path):
+    import json
+
+    import timm
+    import torch
+    out, _, _ = swept
+    uri = f"sqlite:///{out}/mlflow.db"
+    c = MlflowClient(uri)
+    run = _runs(uri, "mcm_mask_ratio", "point")[0]
+    assert "figures/attention_distance.png" in [a.path for a in c.list_artifacts(run.info.run_id, "figures")]
+    local = Path(c.download_artifacts(run.info.run_id, "encoder", str(tmp_path)))
+    kwargs = json.loads((local / "timm_kwargs.json").read_text())
+    net = timm.create_model(kwargs.pop("model_name"), pretrained=False,
+                            checkpoint_path=str(local / "timm_state_dict.pth"), **kwargs).eval()
+    state = torch.load(local / "timm_state_dict.pth")
+    assert torch.equal(net.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    x = torch.rand(2, kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"])
+    assert net(x).shape == (2, kwargs["embed_dim"])
