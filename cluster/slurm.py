@@ -70,7 +70,8 @@ def test_only(script: str) -> None:
         msg = (res.stderr or res.stdout).strip().splitlines()
         raise ConfigError("cluster", "slurm", "the scheduler rejects this resource request: "
                           + (msg[-1] if msg else f"sbatch exit {res.returncode}"),
-                          "Change cluster.gpus_per_task / cpus_per_task / mem_gb / time_min / partition.")
+                          "Change cluster.gpus_per_task, cluster.cpus_per_task, cluster.mem_gb, cluster.time_min "
+                          "or cluster.partition (cluster.eval.* for the evaluation array); nothing was created.")
 
 
 # ---------------------------------------------------------------- the sbatch script
@@ -85,13 +86,13 @@ def _plain(key: str, value) -> str:
     return v
 
 
-def _sbatch_path(key: str, path: Path) -> str:
-    """A path for `#SBATCH --output=`: double-quoted (sbatch's own parser takes quotes, so spaces work),
-    `%` doubled (sbatch expands %A, %a, ... in file names; %% is a literal %)."""
-    p = str(path)
+def _sbatch_path(key: str, folder: Path, pattern: str) -> str:
+    """`folder/pattern` for `#SBATCH --output=`: double-quoted (sbatch's own parser takes quotes, so spaces
+    work), a `%` of the folder doubled (sbatch expands %A, %a, ... in file names; %% is a literal %)."""
+    p = str(folder)
     if CONTROL.search(p) or '"' in p:
         raise ConfigError(key, p, 'cannot be used for SLURM logs: no control characters or " in the path')
-    return '"' + p.replace("%", "%%") + '"'
+    return '"' + p.replace("%", "%%") + "/" + pattern + '"'
 
 
 def _shell_arg(key: str, value: str) -> str:
@@ -114,8 +115,8 @@ def sbatch_script(cl, manifest: Path, n_tasks: int, job_name: str, log_dir: Path
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name={_plain('sweep.name', job_name)}",
              f"#SBATCH --array=0-{int(n_tasks) - 1}%{min(int(cl.array_parallelism), int(n_tasks))}",
-             f"#SBATCH --output={_sbatch_path('output_root', log_dir / '%A_%a.out')}",
-             f"#SBATCH --error={_sbatch_path('output_root', log_dir / '%A_%a.err')}",
+             f"#SBATCH --output={_sbatch_path('output_root', log_dir, '%A_%a.out')}",
+             f"#SBATCH --error={_sbatch_path('output_root', log_dir, '%A_%a.err')}",
              "#SBATCH --open-mode=append",
              f"#SBATCH --time={n(pre + '.time_min', res.time_min)}",
              f"#SBATCH --cpus-per-task={n(pre + '.cpus_per_task', res.cpus_per_task)}",
