@@ -172,6 +172,24 @@ def test_credentials_are_split_from_the_uri_and_redacted():
     assert tracking.split_credentials(enc)[2] == "p@ss:w" and "p%40ss" not in tracking.redact_text(enc, enc)
 
 
+def test_credentials_set_by_the_user_win_and_plain_uris_change_nothing(monkeypatch):
+    from core import tracking
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "bobs-own")
+    assert tracking.use_credentials(f"http://alice:{SECRET}@h:5000") == "http://h:5000"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "bobs-own"
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    assert tracking.use_credentials("http://h:5000") == "http://h:5000" and "MLFLOW_TRACKING_PASSWORD" not in os.environ
+
+
+def test_error_messages_redact_the_password(tmp_path):
+    res = run_cli("sweeps/run.py", *TINY, f"tracking.uri=http://alice:{SECRET}@127.0.0.1:9", f"output_root={tmp_path}",
+                  env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "tracking.uri='http://alice:***@127.0.0.1:9' is invalid: the MLflow store cannot be reached" in res.stderr
+    assert SECRET not in res.stdout + res.stderr
+
+
 @pytest.fixture(scope="module")
 def array_with_space_and_credentials(slurm_cluster, mlflow_server, tmp_path_factory):
     """One real array shared by the tests below: output_root with a space, credentials in tracking.uri."""
@@ -242,15 +260,18 @@ def test_credentials_reach_the_job_but_are_stored_and_printed_nowhere(array_with
 # ------------------------------------------------------------------------------------------- stores
 def test_parallel_launches_on_a_fresh_sqlite_store(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "MIMSWEEP_PROGRESS": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # one thread each: four launches share this machine's cores
+    env = {**os.environ, "MIMSWEEP_PROGRESS": "0", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
     procs = [subprocess.Popen([sys.executable, "sweeps/run.py", *TINY, "pretrain.max_steps=2", f"seed={i}",
-                               "evaluate.linear.epochs=1", "tracking.experiment=parallel", f"output_root={out}"],
+                               "data.train_limit=128", "data.test_limit=64", "evaluate.linear.epochs=1", "tracking.experiment=parallel", f"output_root={out}"],
                               cwd=env["PYTHONPATH"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(4)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n----\n".join(outs)
     db = out / "mlflow.db"
+    assert (out / "mlflow.db.lock").exists()                        # creation was serialised by this lock
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     c = MlflowClient(f"sqlite:///{db}")
     exps = [e for e in c.search_experiments() if e.name == "parallel"]
