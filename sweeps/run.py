@@ -28,6 +28,14 @@ def main(cfg: DictConfig) -> int:
     except LaunchError as e:  # failed after creating runs (they are marked FAILED): exit 1
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except Exception:  # a bug: show the traceback, but not Hydra's echo of the overrides (a URI's password)
+        import os
+        import traceback
+
+        from core.tracking import redact_text
+        uri = cfg.tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        print(redact_text(traceback.format_exc(), uri), file=sys.stderr)
+        code = 1
     if code:  # hydra.main drops the return value: exit here so scripts and CI see the failure
         sys.exit(code)
     return 0
