@@ -179,6 +179,8 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     overrides = [tracking.redact_text(o, raw_uri) for o in user_overrides(task_overrides)]
     exp_name = cfg.tracking.experiment or (name if name != "single" else "mimsweep")
     backend = cfg.cluster.backend
+    if backend not in checks.BACKENDS:  # checks.validate said so already; never fall through to running locally
+        raise ConfigError("cluster.backend", backend, "must be one of " + ", ".join(checks.BACKENDS))
     root = Path(cfg.output_root).resolve() / "runs" / exp_name
 
     c = check_tracking(uri, create=False, shown=raw_uri)            # read only: a dry run must create nothing
