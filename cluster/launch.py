@@ -3,21 +3,37 @@
     grid points -> composed + validated configs -> signatures -> skip / resume / new -> backend
 
 Every point is composed and validated before anything is created or submitted, so a bad value stops
-the launch with a message naming the key, with no half-launched sweep left behind.
+the launch with a message naming the key, with no half-launched sweep left behind. In order:
+
+1. compose + validate every point (core/config.py), then the keys that say where and how points run
+   (cluster/checks.py: the `cluster` group, output_root, names, no control characters anywhere);
+2. read the store (never create it here), decide skip / resume / new;
+3. SLURM: tools, partition, queue, and `sbatch --test-only` of the real script;
+4. dry run: print and stop (nothing written: no database, experiment or folder);
+5. create the experiment (create-or-get), the launch run and the point runs, then run or submit. A
+   failure from here on marks the launch run and every point run it did not hand over FAILED, with the
+   reason in `mimsweep.failure`: a launch that ended leaves nothing SCHEDULED or RUNNING behind.
 """
 from __future__ import annotations
 
 import copy
 import json
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cluster import checks
 from core import tracking
 from core.config import SEARCHPATH, ConfigError, signature, validate
 from sweeps.grid import Point, expand
+
+
+class LaunchError(RuntimeError):
+    """A launch that failed after it created runs (those are marked FAILED); the message says what happened."""
 
 
 @dataclass
@@ -106,18 +122,22 @@ def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]
         except ConfigError as e:
             raise ConfigError(e.key, e.value, str(e).split(": ", 1)[1].rstrip("."),
                               f"(sweep {name}, point '{p.label}', seed {p.seed})") from None
-        planned.append(Planned(p, pc, signature(pc)))
+        sig = signature(pc)
+        if pc.tracking.get("uri"):  # params, config.yaml and manifests never hold a password
+            pc.tracking.uri = tracking.redact(pc.tracking.uri)
+        planned.append(Planned(p, pc, sig))
     return name, planned
 
 
-def check_tracking(uri: str):
-    c = tracking.client(uri)
+def check_tracking(uri: str, create: bool = True, shown: str | None = None):
+    """A client of the store, or None when a SQLite store does not exist and `create` is False.
+    `shown`: the URI as the user gave it, for the message (redacted here)."""
     try:
-        c.search_experiments(max_results=1)
+        return tracking.open_store(uri, create)
     except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
-        raise ConfigError("tracking.uri", uri, f"the MLflow store cannot be reached ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]})", "Start the server or fix the URI; nothing was run.") from None
-    return c
+        msg = tracking.redact_text(str(e).splitlines()[0][:200] if str(e) else "", uri)
+        raise ConfigError("tracking.uri", tracking.redact(shown or uri), f"the MLflow store cannot be reached "
+                          f"({type(e).__name__}: {msg})", "Start the server or fix the URI; nothing was run.") from None
 
 
 def decide(planned: list[Planned], existing: dict) -> None:
@@ -143,7 +163,7 @@ def skip_queued(planned: list[Planned]) -> None:
 
 
 def print_plan(name: str, planned: list[Planned], uri: str, file=sys.stdout) -> None:
-    print(f"sweep {name}: {len(planned)} point(s), tracking {uri}", file=file)
+    print(f"sweep {name}: {len(planned)} point(s), tracking {tracking.redact(uri)}", file=file)
     for pl in planned:
         extra = f" ({pl.status.lower()} run {pl.run_id[:8]})" if pl.run_id else ""
         print(f"  {pl.action:6s} {pl.point.label:24s} seed={pl.point.seed} sig={pl.signature}{extra}", file=file)
@@ -152,30 +172,42 @@ def print_plan(name: str, planned: list[Planned], uri: str, file=sys.stdout) -> 
 def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     """Entry of `sweeps/run.py`. Returns the process exit code."""
     name, planned = plan(cfg, task_overrides)
-    uri = tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
-    c = check_tracking(uri)
+    checks.validate(cfg, name)                         # before the store is touched
+    raw_uri = tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
+    uri = tracking.use_credentials(raw_uri)            # from here on: no password in the URI
+    shown = tracking.redact(raw_uri)
+    overrides = [tracking.redact_text(o, raw_uri) for o in user_overrides(task_overrides)]
     exp_name = cfg.tracking.experiment or (name if name != "single" else "mimsweep")
-    exp_id = tracking.experiment_id(c, exp_name, uri)
-    decide(planned, tracking.runs_by_signature(c, exp_id, name))
     backend = cfg.cluster.backend
-    if backend == "slurm" and not cfg.dry_run:
-        from cluster.slurm import preflight
-        preflight(cfg.cluster)
-        skip_queued(planned)
-    if backend == "slurm" and uri.startswith("sqlite"):
-        print("note: SLURM tasks will write to a SQLite file. That is fine on one machine; on a cluster's shared "
-              "filesystem many writers corrupt it: use a tracking server (tracking.uri=http://HOST:5000).")
-    print_plan(name, planned, uri)
-    todo = [pl for pl in planned if pl.action in ("new", "resume")]
+    if backend not in checks.BACKENDS:  # checks.validate said so already; never fall through to running locally
+        raise ConfigError("cluster.backend", backend, "must be one of " + ", ".join(checks.BACKENDS))
     root = Path(cfg.output_root).resolve() / "runs" / exp_name
+
+    c = check_tracking(uri, create=False, shown=raw_uri)            # read only: a dry run must create nothing
+    exp_id = tracking.find_experiment(c, exp_name)
+    decide(planned, tracking.runs_by_signature(c, exp_id, name) if exp_id else {})
+    arrays = []
+    todo = [pl for pl in planned if pl.action in ("new", "resume")]
+    if backend == "slurm":
+        from cluster import slurm
+        if not cfg.dry_run or shutil.which("sbatch"):
+            max_array = slurm.preflight(cfg.cluster)
+            if not cfg.dry_run:
+                skip_queued(planned)
+                todo = [pl for pl in planned if pl.action in ("new", "resume")]
+            arrays = slurm.prepare(todo, cfg.cluster, root, name, max_array)
+            if arrays:
+                slurm.test_only(arrays[0]["script"])   # before any MLflow run exists
+        else:
+            arrays = slurm.prepare(todo, cfg.cluster, root, name, 1001)
+        if uri.startswith("sqlite"):
+            print("note: SLURM tasks will write to a SQLite file. That is fine on one machine; on a cluster's shared "
+                  "filesystem many writers corrupt it: use a tracking server (tracking.uri=http://HOST:5000).")
+    print_plan(name, planned, shown)
     if cfg.dry_run:
-        if backend == "slurm" and todo:
-            from cluster.slurm import submit
-            for pl in todo:
-                pl.run_id = pl.run_id or "0" * 32
-            arrays = submit(todo, cfg.cluster, uri, root, name, dry_run=True)
-            for a in arrays:
-                print(f"--- sbatch script ({a['phase']}, {a['tasks']} task(s)) ---\n{a['script']}")
+        for a in arrays:
+            print(f"--- sbatch script ({a['phase']}, {a['tasks']} task(s)) ---\n{a['script']}")
+        if arrays:
             print(f"dry run: {len(arrays)} sbatch call(s) for {len(todo)} point(s); nothing was submitted.")
         else:
             print("dry run: nothing was started.")
@@ -183,35 +215,75 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     if not todo:
         print("nothing to do: every point has a finished, queued or running run.")
         return 0
-    parent = tracking.start_launch(c, exp_id, name, user_overrides(task_overrides), len(todo))
-    for pl in todo:
-        if pl.action == "new":
-            pl.run_id = tracking.create_point_run(c, exp_id, parent, name, pl.point.label, pl.point.overrides,
-                                                  pl.signature, pl.cfg)
-    if backend == "slurm":
-        return _submit_slurm(c, parent, todo, cfg, uri, root, name)
-    if backend != "local":
-        raise ConfigError("cluster.backend", backend, "must be local or slurm")
-    from cluster.local import run_all
-    failed = run_all(todo, uri, root)
-    c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed,
-                                                           "skipped": len(planned) - len(todo)}))
-    c.set_terminated(parent, "FAILED" if failed else "FINISHED")
-    return 1 if failed else 0
+
+    c = check_tracking(uri, create=True, shown=raw_uri)
+    exp_id = tracking.experiment_id(c, exp_name, uri)
+    parent, handed_over = None, set()
+    try:
+        parent = tracking.start_launch(c, exp_id, name, overrides, len(todo))
+        for pl in todo:
+            if pl.action == "new":
+                pl.run_id = tracking.create_point_run(c, exp_id, parent, name, pl.point.label,
+                                                      [tracking.redact_text(o, raw_uri) for o in pl.point.overrides],
+                                                      pl.signature, pl.cfg)
+        if backend == "slurm":
+            return _submit_slurm(c, parent, todo, arrays, cfg, uri, root, name, handed_over)
+        from cluster.local import run_all
+        failed = run_all(todo, uri, root)
+        handed_over.update(pl.run_id for pl in todo)   # run_point ended each of them, one way or another
+        c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed,
+                                                               "skipped": len(planned) - len(todo)}))
+        c.set_terminated(parent, "FAILED" if failed else "FINISHED")
+        return 1 if failed else 0
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        reason = "interrupted" if interrupted else tracking.redact_text(f"{type(e).__name__}: {e}", raw_uri)
+        left = [pl.run_id for pl in todo if pl.run_id and pl.run_id not in handed_over]
+        _end_runs(c, parent, left, reason, "KILLED" if interrupted else "FAILED")
+        if interrupted:
+            raise
+        raise LaunchError(f"the launch failed after creating its MLflow runs: {reason}. The launch run"
+                          f"{' ' + parent[:8] if parent else ''} and {len(left)} point run(s) not handed to a job are "
+                          f"marked FAILED (reason in the tag {tracking.TAG}failure); relaunch to retry them.") from None
 
 
-def _submit_slurm(c, parent: str, todo: list[Planned], cfg, uri: str, root: Path, name: str) -> int:
-    from cluster.slurm import submit
-    arrays = submit(todo, cfg.cluster, uri, root, name)
-    chunk = arrays[0]["tasks"] if arrays else 0
-    phases = 2 if cfg.cluster.separate_eval else 1
-    for ai, a in enumerate(arrays):
-        part = todo[(ai // phases) * chunk:(ai // phases) * chunk + a["tasks"]]
-        for i, pl in enumerate(part):
-            c.set_tag(pl.run_id, f"{tracking.TAG}slurm_job_{a['phase']}", f"{a['job_id']}_{i}")
-    ids = [a["job_id"] for a in arrays]
-    c.set_tag(parent, tracking.TAG + "slurm_arrays", ",".join(ids))
+def _end_runs(c, parent: str | None, run_ids: list[str], reason: str, status: str) -> None:
+    """Ends what this launch leaves open (SCHEDULED/RUNNING), best effort: a store that just failed may
+    fail again. Runs that already ended (a point that finished before the failure) keep their status."""
+    for rid in [*run_ids, *([parent] if parent else [])]:
+        try:
+            if c.get_run(rid).info.status in ("FINISHED", "FAILED", "KILLED") and rid != parent:
+                continue
+            c.set_tag(rid, tracking.TAG + "failure", reason[:5000])
+            c.set_terminated(rid, status)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: could not mark run {rid} {status}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _submit_slurm(c, parent: str, todo: list[Planned], arrays: list[dict], cfg, uri: str, root: Path, name: str,
+                  handed_over: set) -> int:
+    from cluster.slurm import submit_prepared
+    try:
+        submit_prepared(arrays, cfg.cluster, uri, root)
+    finally:
+        # A point belongs to its jobs once every array holding it is queued (pretrain *and* evaluate);
+        # a half-queued chunk (evaluation sbatch failed) is cancelled, and its points marked FAILED.
+        jobs: dict[str, list] = {}
+        for a in arrays:
+            for pl in a["points"]:
+                jobs.setdefault(pl.run_id, []).append(a["job_id"])
+        partial = sorted({j for ids in jobs.values() if None in ids for j in ids if j})
+        if partial:
+            subprocess.run(["scancel", *partial], capture_output=True, timeout=60)
+        handed_over.update(rid for rid, ids in jobs.items() if None not in ids)
+        for a in arrays:
+            if a["job_id"] and a["job_id"] not in partial:
+                for i, pl in enumerate(a["points"]):
+                    c.set_tag(pl.run_id, f"{tracking.TAG}slurm_job_{a['phase']}", f"{a['job_id']}_{i}")
+        ids = [a["job_id"] for a in arrays if a["job_id"] and a["job_id"] not in partial]
+        if ids:
+            c.set_tag(parent, tracking.TAG + "slurm_arrays", ",".join(ids))
     c.set_terminated(parent, "FINISHED")  # the launch is done; the points report into their own runs
     print(f"queued {len(todo)} point(s) as {len(arrays)} array job(s): {', '.join(ids)}")
-    print(f"follow them with: python cluster/status.py sweep={name}  (MLflow: {uri})")
+    print(f"follow them with: python cluster/status.py sweep={name}  (MLflow: {tracking.redact(uri)})")
     return 0

@@ -187,6 +187,9 @@ KillWait=5
 MinJobAge=300
 InactiveLimit=0
 MailProg=/bin/true
+# Listen on loopback only (SlurmctldHost's and NodeAddr's 127.0.0.1), never on every interface:
+# a rehearsal cluster must not be reachable from the network. tests/test_launch_safety.py checks it.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG_DIR/jobcomp.log
 # sacct must work: submitit polls it, and waits forever on killed jobs without it.
@@ -207,6 +210,8 @@ PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP"
     dbd_conf="$MARKER
 DbdHost=localhost
 DbdAddr=127.0.0.1
+# Loopback only (see slurm.conf's CommunicationParameters).
+CommunicationParameters=NoInAddrAny
 SlurmUser=root
 AuthType=auth/munge
 PidFile=$RUN_DIR/slurmdbd.pid
@@ -277,7 +282,9 @@ start_mariadb() {
     touch "$log" && chown mysql:mysql "$log"
     # Not mysqld_safe: running mariadbd directly leaves one PID to record and stop.
     # setsid detaches it from our session, so it outlives this script and the terminal.
+    # --bind-address: loopback only, whatever /etc/mysql says (slurmdbd uses the socket anyway).
     setsid /usr/sbin/mariadbd --user=mysql --log-error="$log" --innodb-lock-wait-timeout=900 \
+        --bind-address=127.0.0.1 \
         --innodb-buffer-pool-size=512M \
         </dev/null >>"$log" 2>&1 9>&- &
     echo $! >"$(pidfile mariadbd)"

@@ -7,6 +7,18 @@ SLURM_ARRAY_TASK_ID. Nothing has to stay alive on the login node: results arrive
 Why not hydra-submitit-launcher: it blocks until every job ends and never requeues on timeout by
 default (ENV.md); a launch here queues and returns. The sbatch script is plain text, printed by
 `dry_run=true`, so what reaches the scheduler is always visible.
+
+Safe by construction: every value of the script went through cluster/checks.py (no control
+characters, plain tokens for `#SBATCH --partition/account/qos/constraint`, integers for resources) and
+is checked again here as it is written; paths (`--output`, the repository, the interpreter, the
+manifest) are quoted, so an output_root with spaces works.
+
+Credentials: the script and the manifest hold the tracking URI *without* user-info. The job gets
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (MLflow's own variables, read by its client)
+through the environment sbatch exports (`--export=ALL`; core.tracking.use_credentials put them into
+the launcher's environment). SLURM keeps a job's environment in its state directory, readable by the
+SLURM user only, and does not print it; the secret is in no file we write, no log, no MLflow field.
+Manifests are written mode 600 all the same (they hold the resolved configs).
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.checks import CONTROL, TOKEN
 from core.config import REPO, ConfigError
 
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -51,66 +64,118 @@ def preflight(cl) -> int:
 
 def test_only(script: str) -> None:
     """`sbatch --test-only`: the scheduler says whether the request can ever run, submitting nothing."""
-    res = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(["sbatch", "--test-only", "--export=ALL"], input=script, capture_output=True, text=True,
+                         timeout=60)
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip().splitlines()
         raise ConfigError("cluster", "slurm", "the scheduler rejects this resource request: "
                           + (msg[-1] if msg else f"sbatch exit {res.returncode}"),
-                          "Change cluster.gpus_per_task / cpus_per_task / mem_gb / time_min / partition.")
+                          "Change cluster.gpus_per_task, cluster.cpus_per_task, cluster.mem_gb, cluster.time_min "
+                          "or cluster.partition (cluster.eval.* for the evaluation array); nothing was created.")
 
 
 # ---------------------------------------------------------------- the sbatch script
+DEPENDENCY_PLACEHOLDER = "<pretrain array job id>"
+
+
+def _plain(key: str, value) -> str:
+    """A value for `#SBATCH --opt=value`: one token, no whitespace, quote or control character."""
+    v = str(value)
+    if not v or CONTROL.search(v) or re.search(r"[\s\"'\\$`;]", v):
+        raise ConfigError(key, value, "cannot be written into the job script: it must be a single plain token")
+    return v
+
+
+def _sbatch_path(key: str, folder: Path, pattern: str) -> str:
+    """`folder/pattern` for `#SBATCH --output=`: double-quoted (sbatch's own parser takes quotes, so spaces
+    work), a `%` of the folder doubled (sbatch expands %A, %a, ... in file names; %% is a literal %)."""
+    p = str(folder)
+    if CONTROL.search(p) or '"' in p:
+        raise ConfigError(key, p, 'cannot be used for SLURM logs: no control characters or " in the path')
+    return '"' + p.replace("%", "%%") + "/" + pattern + '"'
+
+
+def _shell_arg(key: str, value: str) -> str:
+    if CONTROL.search(value):
+        raise ConfigError(key, value, "cannot be written into the job script: it contains a control character")
+    return shlex.quote(value)
+
+
+def job_name(sweep: str) -> str:
+    """`mimsweep-<sweep>`, reduced to characters that need no quoting anywhere."""
+    return "mimsweep-" + (re.sub(r"[^A-Za-z0-9_.+-]", "_", sweep)[:100] or "sweep")
+
+
 def sbatch_script(cl, manifest: Path, n_tasks: int, job_name: str, log_dir: Path, phase: str,
                   dependency: str | None = None) -> str:
     res = cl.eval if phase == "evaluate" else cl
     procs = max(int(res.gpus_per_task or 0), 1)
+    pre = "cluster.eval" if phase == "evaluate" else "cluster"
+    n = lambda key, v: _plain(key, int(v) if isinstance(v, int) else v)  # noqa: E731
     lines = ["#!/bin/bash",
-             f"#SBATCH --job-name={job_name}",
-             f"#SBATCH --array=0-{n_tasks - 1}%{min(cl.array_parallelism, n_tasks)}",
-             f"#SBATCH --output={log_dir}/%A_%a.out",
-             f"#SBATCH --error={log_dir}/%A_%a.err",
+             f"#SBATCH --job-name={_plain('sweep.name', job_name)}",
+             f"#SBATCH --array=0-{int(n_tasks) - 1}%{min(int(cl.array_parallelism), int(n_tasks))}",
+             f"#SBATCH --output={_sbatch_path('output_root', log_dir, '%A_%a.out')}",
+             f"#SBATCH --error={_sbatch_path('output_root', log_dir, '%A_%a.err')}",
              "#SBATCH --open-mode=append",
-             f"#SBATCH --time={res.time_min}",
-             f"#SBATCH --cpus-per-task={res.cpus_per_task}",
-             f"#SBATCH --mem={res.mem_gb}G",
+             f"#SBATCH --time={n(pre + '.time_min', res.time_min)}",
+             f"#SBATCH --cpus-per-task={n(pre + '.cpus_per_task', res.cpus_per_task)}",
+             f"#SBATCH --mem={n(pre + '.mem_gb', res.mem_gb)}G",
              f"#SBATCH --ntasks-per-node={procs}",
              "#SBATCH --nodes=1",
              "#SBATCH --requeue"]
     # One process: python *is* the batch shell (exec), so the signal goes to the batch step (B:).
     # Several (DDP): srun starts them and every step gets the signal.
-    lines.append(f"#SBATCH --signal={'B:' if procs == 1 else ''}USR2@{cl.signal_delay_s}")
+    lines.append(f"#SBATCH --signal={'B:' if procs == 1 else ''}USR2@{n('cluster.signal_delay_s', cl.signal_delay_s)}")
     if res.gpus_per_task:
-        lines.append(f"#SBATCH --gpus-per-task={res.gpus_per_task}")
+        lines.append(f"#SBATCH --gpus-per-task={n(pre + '.gpus_per_task', res.gpus_per_task)}")
     for key in ("partition", "account", "qos", "constraint"):
         if cl.get(key):
-            lines.append(f"#SBATCH --{key}={cl[key]}")
+            value = _plain(f"cluster.{key}", cl[key])
+            if not re.fullmatch(TOKEN[key][0], value):
+                raise ConfigError(f"cluster.{key}", value, "cannot be written into the job script")
+            lines.append(f"#SBATCH --{key}={value}")
     if dependency:
+        dep = dependency.replace(DEPENDENCY_PLACEHOLDER, "0")
+        _plain("dependency", dep)
         lines += [f"#SBATCH --dependency={dependency}", "#SBATCH --kill-on-invalid-dep=yes"]
     python = cl.python or sys.executable
-    lines += ["", "set -e", *list(cl.setup or []), f"cd {shlex.quote(str(REPO))}",
-              f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+    setup = list(cl.setup or [])  # shell lines by design: only checked to be single lines
+    for i, line in enumerate(setup):
+        _shell_arg(f"cluster.setup[{i}]", line)
+    lines += ["", "set -e", *setup, f"cd {_shell_arg('repository path', str(REPO))}",
+              f"export PYTHONPATH={_shell_arg('repository path', str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
               "export MIMSWEEP_PROGRESS=0",
               # No cgroups on every site: keep PyTorch's threads within the CPUs the task was given.
               "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
-              f"{'exec' if procs == 1 else 'exec srun --kill-on-bad-exit=1'} {shlex.quote(python)} -m cluster.task "
-              f"{shlex.quote(str(manifest))}"]
+              f"{'exec' if procs == 1 else 'exec srun --kill-on-bad-exit=1'} {_shell_arg('cluster.python', python)} "
+              f"-m cluster.task {_shell_arg('output_root', str(manifest))}"]
     return "\n".join(lines) + "\n"
 
 
 def write_manifest(path: Path, points: list, uri: str, root: Path, phase: str, max_requeues: int) -> None:
+    """The task's instructions, mode 600. `uri` carries no credentials (they travel in the environment)."""
     from omegaconf import OmegaConf
-    body = {"phase": phase, "max_requeues": max_requeues, "uri": uri, "points": [
+
+    from core.tracking import redact_text, split_credentials
+    clean = split_credentials(uri)[0]
+    body = {"phase": phase, "max_requeues": max_requeues, "uri": clean, "points": [
         {"label": pl.point.label, "seed": pl.point.seed, "signature": pl.signature, "run_id": pl.run_id,
          "workdir": str(root / pl.workdir_name), "config": OmegaConf.to_yaml(pl.cfg, resolve=True)}
         for pl in points]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(redact_text(json.dumps(body), uri))
+    os.chmod(tmp, 0o600)  # also when the file existed with wider permissions
     os.replace(tmp, path)
 
 
 def sbatch(script: str) -> str:
-    res = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, timeout=120)
+    # --export=ALL: the job gets this environment, MLflow's credential variables included (never the script).
+    res = subprocess.run(["sbatch", "--parsable", "--export=ALL"], input=script, capture_output=True, text=True,
+                         timeout=120)
     if res.returncode != 0:
         raise RuntimeError(f"sbatch failed: {res.stderr.strip() or res.stdout.strip()}")
     return res.stdout.strip().split(";")[0]
@@ -138,33 +203,50 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- submission
-def submit(todo: list, cl, uri: str, root: Path, sweep: str, dry_run: bool = False,
-           max_array: int | None = None) -> list[dict]:
-    """Queue `todo` as array(s) of at most MaxArraySize tasks each (asked of the cluster unless given);
-    returns [{'job_id', 'phase', 'tasks', 'script'}] (no job_id when dry)."""
-    if max_array is None:
-        max_array = 1001 if dry_run and shutil.which("sbatch") is None else preflight(cl)
+def prepare(todo: list, cl, root: Path, sweep: str, max_array: int) -> list[dict]:
+    """The array(s) for `todo`, at most MaxArraySize tasks each, nothing written or submitted:
+    [{'phase', 'tasks', 'script', 'manifest', 'points', 'log_dir', 'job_id': None}]. Scripts do not depend on
+    the points' run ids, so the launch can `test_only` them before any MLflow run exists."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     slurm_dir = root / "slurm" / stamp
     log_dir = slurm_dir / "logs"
     chunk = max(max_array - 1, 1)  # array indices run 0..MaxArraySize-1
-    submitted = []
+    arrays = []
     for ci in range(0, len(todo), chunk):
         part = todo[ci: ci + chunk]
         phases = ["pretrain", "evaluate"] if cl.separate_eval else ["all"]
+        # aftercorr: evaluation task i starts when pretraining task i completed successfully; with
+        # --kill-on-invalid-dep a failed pretraining cancels its evaluation instead of pending forever.
         dependency = None
         for phase in phases:
             manifest = slurm_dir / f"array{ci // chunk}-{phase}.json"
-            script = sbatch_script(cl, manifest, len(part), f"mimsweep-{sweep}", log_dir, phase, dependency)
-            entry = {"phase": phase, "tasks": len(part), "script": script, "job_id": None}
-            submitted.append(entry)
-            if not dry_run:
-                if ci == 0 and phase == phases[0]:
-                    test_only(script)
-                log_dir.mkdir(parents=True, exist_ok=True)
-                write_manifest(manifest, part, uri, root, phase, cl.max_requeues)
-                entry["job_id"] = sbatch(script)
-            # aftercorr: evaluation task i starts when pretraining task i completed successfully; with
-            # --kill-on-invalid-dep a failed pretraining cancels its evaluation instead of pending forever.
-            dependency = f"aftercorr:{entry['job_id'] or '<pretrain array job id>'}"
-    return submitted
+            script = sbatch_script(cl, manifest, len(part), job_name(sweep), log_dir, phase, dependency)
+            arrays.append({"phase": phase, "tasks": len(part), "script": script, "manifest": manifest,
+                           "points": part, "log_dir": log_dir, "job_id": None})
+            dependency = f"aftercorr:{DEPENDENCY_PLACEHOLDER}"
+    return arrays
+
+
+def submit_prepared(arrays: list[dict], cl, uri: str, root: Path) -> None:
+    """Write each array's manifest (the points' run ids are known now) and sbatch it; sets 'job_id'.
+    On a failure, the arrays queued so far keep their job_id (the others None) and the error propagates."""
+    previous = None
+    for a in arrays:
+        if a["phase"] == "evaluate":
+            a["script"] = a["script"].replace(DEPENDENCY_PLACEHOLDER, previous)
+        a["log_dir"].mkdir(parents=True, exist_ok=True)
+        write_manifest(a["manifest"], a["points"], uri, root, a["phase"], cl.max_requeues)
+        a["job_id"] = previous = sbatch(a["script"])
+
+
+def submit(todo: list, cl, uri: str, root: Path, sweep: str, dry_run: bool = False,
+           max_array: int | None = None) -> list[dict]:
+    """Queue `todo` as array(s) of at most MaxArraySize tasks each (asked of the cluster unless given);
+    returns [{'job_id', 'phase', 'tasks', 'script', ...}] (no job_id when dry)."""
+    if max_array is None:
+        max_array = 1001 if dry_run and shutil.which("sbatch") is None else preflight(cl)
+    arrays = prepare(todo, cl, root, sweep, max_array)
+    if not dry_run and arrays:
+        test_only(arrays[0]["script"])
+        submit_prepared(arrays, cl, uri, root)
+    return arrays

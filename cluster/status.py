@@ -35,8 +35,8 @@ def gather(cfg, overrides: list[str]):
 
     name, planned = launch.plan(cfg, overrides)
     uri = tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
-    c = launch.check_tracking(uri)
-    exp = c.get_experiment_by_name(cfg.tracking.experiment or name)
+    c = launch.check_tracking(uri, create=False)  # status never creates a store
+    exp = c.get_experiment_by_name(cfg.tracking.experiment or name) if c is not None else None
     runs = tracking.runs_by_signature(c, exp.experiment_id, name) if exp else {}
     launch.decide(planned, runs)
     jobs = [j for pl in planned for j in pl.slurm_jobs]
@@ -49,7 +49,8 @@ def gather(cfg, overrides: list[str]):
 
 
 def show(name: str, rows, uri: str) -> None:
-    print(f"sweep {name} (MLflow {uri})")
+    from core import tracking
+    print(f"sweep {name} (MLflow {tracking.redact(uri)})")
     print(f"  {'point':22s} {'seed':>4s} {'signature':12s} {'mlflow':9s} {'slurm':24s} {'progress':>8s} "
           f"{'loss':>8s} {'knn':>6s} {'linear':>6s}")
     for pl, run, jobs, states in rows:

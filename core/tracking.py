@@ -8,6 +8,15 @@
   random init, `pretrain_wall_s`, `wall_s`;
 - artifact: `config.yaml`, the resolved config.
 A point's signature finds its runs again: FINISHED ones are skipped by the next launch, others resumed.
+
+Credentials: a tracking URI may carry them (`http://user:secret@host:5000`). They are never stored or
+printed: `client()` strips the user-info from the URI and hands it to MLflow through its own variables
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (unless the user set those already), and every URI
+that is shown, tracked or written uses `redact()` (`http://user:***@host:5000`). SLURM jobs get the
+same two variables through sbatch's exported environment, never through the script (cluster/slurm.py).
+
+Stores: a default SQLite store is created (schema and migrations) under a file lock next to the
+database, so parallel launches on a fresh store do not race; experiments are create-or-get.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from core.config import REPO, flatten
 
@@ -27,18 +37,88 @@ FINISHED = "FINISHED"
 
 def resolve_uri(uri: str | None, output_root: str | Path) -> str:
     """Explicit uri > $MLFLOW_TRACKING_URI > sqlite file under output_root (absolute, so that jobs started
-    from another folder or node write to the same store)."""
+    from another folder or node write to the same store). Creates nothing: see open_store()."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    root = Path(output_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return f"sqlite:///{Path(output_root).resolve() / 'mlflow.db'}"
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """'http://user:pw@host:5000/x' -> ('http://host:5000/x', 'user', 'pw'); URIs without user-info unchanged."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc or parts.scheme in ("sqlite", "file", ""):
+        return uri, None, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, sep, password = userinfo.partition(":")
+    clean = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
+    return clean, unquote(user) or None, unquote(password) if sep else None
+
+
+def redact(uri: str | None) -> str | None:
+    """The URI as it may be shown or stored: the password replaced by ***."""
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc or parts.scheme in ("sqlite", "file", ""):
+        return uri
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, sep, _ = userinfo.partition(":")
+    return urlunsplit((parts.scheme, f"{user}:***@{hostport}" if sep else f"{user}@{hostport}", parts.path,
+                       parts.query, parts.fragment))
+
+
+def redact_text(text: str, uri: str | None) -> str:
+    """`text` with every occurrence of the URI's password (raw and %-encoded) replaced by ***."""
+    if not uri:
+        return text
+    _, _, password = split_credentials(uri)
+    raw_pw = urlsplit(uri).netloc.rpartition("@")[0].partition(":")[2]
+    for secret in {password, raw_pw} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text
+
+
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def use_credentials(uri: str) -> str:
+    """Move the URI's user-info into MLflow's credential variables of this process (and so of the jobs it
+    starts); returns the URI without it. Variables the user set themselves win."""
+    clean, user, password = split_credentials(uri)
+    for var, value in zip(CREDENTIAL_VARS, (user, password)):
+        if value is not None:
+            os.environ.setdefault(var, value)
+    return clean
 
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=use_credentials(uri))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def open_store(uri: str, create: bool):
+    """A client whose store answers. A SQLite store that does not exist is created only when `create`
+    (else None: nothing to read, and a dry run must write nothing); its creation and schema migration run
+    under an exclusive file lock next to the database, so parallel launches never race on them."""
+    db = sqlite_path(uri)
+    if db is None:
+        c = client(uri)
+        c.search_experiments(max_results=1)
+        return c
+    if not create and not db.is_file():
+        return None
+    from filelock import FileLock
+    if create:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=600):
+        c = client(uri)
+        c.search_experiments(max_results=1)  # creates / migrates the schema, once, under the lock
+    return c
 
 
 @functools.lru_cache(maxsize=1)  # once per launch, not twice per point of a 1,000-point grid
@@ -53,7 +133,14 @@ def git_state() -> tuple[str, bool]:
         return "unknown", False
 
 
+def find_experiment(c, name: str) -> str | None:
+    """Read-only: the id of a live experiment, or None."""
+    exp = c.get_experiment_by_name(name) if c is not None else None
+    return exp.experiment_id if exp is not None and exp.lifecycle_stage != "deleted" else None
+
+
 def experiment_id(c, name: str, uri: str) -> str:
+    """Create-or-get: a launch racing another one for the same new experiment gets the winner's."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -62,7 +149,13 @@ def experiment_id(c, name: str, uri: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the caller's CWD
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - RESOURCE_ALREADY_EXISTS (server) / unique constraint (SQL store)
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def runs_by_signature(c, exp_id: str, sweep: str | None = None) -> dict:

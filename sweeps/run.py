@@ -18,13 +18,24 @@ from core.config import SEARCHPATH, ConfigError  # noqa: E402
 def main(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
-    from cluster.launch import launch
+    from cluster.launch import LaunchError, launch
 
     try:
         code = launch(cfg, list(HydraConfig.get().overrides.task))
-    except ConfigError as e:
+    except ConfigError as e:  # a user mistake, found before anything was created: exit 2
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except LaunchError as e:  # failed after creating runs (they are marked FAILED): exit 1
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    except Exception:  # a bug: show the traceback, but not Hydra's echo of the overrides (a URI's password)
+        import os
+        import traceback
+
+        from core.tracking import redact_text
+        uri = cfg.tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        print(redact_text(traceback.format_exc(), uri), file=sys.stderr)
+        code = 1
     if code:  # hydra.main drops the return value: exit here so scripts and CI see the failure
         sys.exit(code)
     return 0

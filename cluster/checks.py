@@ -1,0 +1,119 @@
+"""Checks of everything a launch turns into files, folders, `#SBATCH` lines or commands.
+
+Called by cluster/launch.py before the tracking store is opened: a bad value stops the launch with
+`error: KEY=VALUE is invalid: ...` (exit 2) and nothing created, submitted or run. The point configs
+themselves are validated by core/config.py; this module covers the keys that only say where and how
+points run (the `cluster` group, `output_root`, the experiment and sweep names, the tracking URI).
+
+The rules, and why:
+- no string may hold a newline or another control character: one newline in a value written into the
+  sbatch script starts a new shell line (that is how `cluster.account='x<newline>rm -rf ~'` would run);
+- values of `#SBATCH --key=value` lines (partition, account, qos, constraint) are plain tokens of the
+  characters SLURM's own names and feature expressions use, so no quoting is ever needed;
+- resource numbers are integers in the range SLURM accepts (no bools, no strings, no floats);
+- names that become folders (experiment) hold no path separator and are not `.`/`..`.
+Paths (output_root, the repository, the interpreter) may contain spaces: cluster/slurm.py quotes them.
+"""
+from __future__ import annotations
+
+import re
+
+from core.config import ConfigError
+
+BACKENDS = ("local", "slurm")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Partition/account/qos names (comma-separated lists for partitions) and feature expressions
+# (`a100|h100`, `gpu&[rack1*2]`), never whitespace, quotes, `$`, `;` or backslashes.
+TOKEN = {"partition": (r"[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*", "_ . + - and commas between names"),
+         "account": (r"[A-Za-z0-9_.+@-]+", "_ . + - @"),
+         "qos": (r"[A-Za-z0-9_.+-]+", "_ . + -"),
+         "constraint": (r"[A-Za-z0-9_.,:|&*()\[\]!+-]+", "_ . , : | & * ( ) [ ] ! + -")}
+
+
+def text(key: str, value, optional: bool = True, what: str = "text") -> None:
+    """A string without control characters (newlines included)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or value == "":
+        raise ConfigError(key, value, f"must be a non-empty {what}")
+    m = CONTROL.search(value)
+    if m:
+        raise ConfigError(key, value, f"contains the control character {m.group()!r} at position {m.start()}: "
+                          "newlines and other control characters could start a new line of the job script",
+                          "Remove it.")
+
+
+def token(key: str, value, kind: str, what: str) -> None:
+    if value is None:
+        return
+    text(key, value)
+    pattern, allowed = TOKEN[kind]
+    if not re.fullmatch(pattern, value):
+        raise ConfigError(key, value, f"must be a {what}: letters, digits and {allowed} only, no spaces")
+
+
+def integer(key: str, value, lo: int, hi: int | None = None, hint: str = "") -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(key, value, f"must be an integer {rng}", hint)
+
+
+def name(key: str, value) -> None:
+    """A name that becomes a folder and appears in the job script (experiment)."""
+    text(key, value, optional=True, what="name")
+    if value is not None and (any(c in value for c in '/\\"') or value.strip(". ") == ""):
+        raise ConfigError(key, value, 'must be a name without /, \\ or ", and not only dots or spaces')
+
+
+def validate_cluster(cl, prefix: str = "cluster") -> None:
+    """The whole `cluster` group (any profile). Raises ConfigError naming the first bad key."""
+    backend = cl.get("backend")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{prefix}.backend", backend, "must be one of " + ", ".join(BACKENDS),
+                          "Pick a profile with cluster=local or cluster=slurm (or cluster=<your site file>).")
+    if backend != "slurm":
+        return
+    for key, what in (("partition", "partition name (or comma-separated list)"), ("account", "account name"),
+                      ("qos", "QOS name"), ("constraint", "feature expression")):
+        token(f"{prefix}.{key}", cl.get(key), key, what)
+    _resources(cl, prefix)
+    integer(f"{prefix}.array_parallelism", cl.get("array_parallelism"), 1)
+    integer(f"{prefix}.max_requeues", cl.get("max_requeues"), 0, 1000)
+    integer(f"{prefix}.signal_delay_s", cl.get("signal_delay_s"), 0, 65535)
+    limit_s = cl.time_min * 60
+    if cl.signal_delay_s >= limit_s:
+        raise ConfigError(f"{prefix}.signal_delay_s", cl.signal_delay_s,
+                          f"must be shorter than the time limit ({prefix}.time_min={cl.time_min} = {limit_s} s)",
+                          "Otherwise the job is told to checkpoint and requeue as soon as it starts.")
+    if cl.get("separate_eval") not in (True, False):
+        raise ConfigError(f"{prefix}.separate_eval", cl.get("separate_eval"), "must be true or false")
+    if cl.separate_eval:
+        if cl.get("eval") is None:
+            raise ConfigError(f"{prefix}.eval", None, "must give the evaluation array's resources")
+        _resources(cl.eval, f"{prefix}.eval")
+    setup = cl.get("setup")
+    if setup is not None:
+        if isinstance(setup, str) or not hasattr(setup, "__iter__"):
+            raise ConfigError(f"{prefix}.setup", setup, "must be a list of shell lines")
+        for i, line in enumerate(setup):
+            text(f"{prefix}.setup[{i}]", line, optional=False, what="shell line")
+    text(f"{prefix}.python", cl.get("python"), what="path to a python interpreter")
+
+
+def _resources(res, prefix: str) -> None:
+    integer(f"{prefix}.time_min", res.get("time_min"), 1, hint="SLURM's --time, in minutes.")
+    integer(f"{prefix}.cpus_per_task", res.get("cpus_per_task"), 1)
+    integer(f"{prefix}.mem_gb", res.get("mem_gb"), 1, hint="Memory per node in GiB.")
+    integer(f"{prefix}.gpus_per_task", res.get("gpus_per_task"), 0, 64)
+
+
+def validate(cfg, sweep_name: str) -> None:
+    """Everything of a launch that becomes a file, folder, `#SBATCH` line or command, beyond the point
+    configs: run before the tracking store is opened."""
+    text("output_root", cfg.get("output_root"), optional=False, what="path")
+    if cfg.get("sweep") is not None:
+        name("sweep.name", sweep_name)
+    name("tracking.experiment", cfg.tracking.get("experiment"))
+    text("tracking.uri", cfg.tracking.get("uri"), what="URI")
+    validate_cluster(cfg.cluster)
