@@ -65,10 +65,10 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
     try:
         exp = c.get_experiment_by_name(experiment)
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI: all the same to the reader
-        raise NothingToReport(f"the MLflow store {uri} cannot be read ({type(e).__name__}: "
+        raise NothingToReport(f"the MLflow store {tracking.redact(uri)} cannot be read ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
     if exp is None or exp.lifecycle_stage == "deleted":  # never create or restore it: we only read
-        raise NothingToReport(f"no experiment '{experiment}' in the MLflow store {uri}.")
+        raise NothingToReport(f"no experiment '{experiment}' in the MLflow store {tracking.redact(uri)}.")
     by_sig = {pl.signature: pl for pl in planned}
     rows, others = [], 0
     # runs_by_signature: one paged search for the sweep's tag, the latest point run per signature
@@ -142,6 +142,7 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from cluster.launch import plan
+    from core import tracking
     from reports import table
 
     if cfg.get("sweep") is None:
@@ -158,7 +159,7 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
             hint = (f" It holds {other} finished run(s) of this sweep with other settings: give the overrides "
                     f"of their launch (preset=..., sweep.seeds=...)." if other else "")
             raise NothingToReport(f"none of the {len(planned)} point(s) of sweep {name} has a finished run "
-                                  f"in experiment '{experiment}' at {uri}.{hint}")
+                                  f"in experiment '{experiment}' at {tracking.redact(uri)}.{hint}")
     except NothingToReport as e:
         print(f"error: {e}\nTo run them: {command}\nNo report was written.", file=sys.stderr)
         return 1
@@ -175,7 +176,7 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
     print(table.to_markdown(rep))
     out_dir = Path(cfg.get("report_dir") or Path(cfg.output_root) / "reports" / name)
     write(rep, out_dir)
-    print(f"{len(runs)}/{len(planned)} point(s) from experiment '{experiment}' at {uri}; wrote "
+    print(f"{len(runs)}/{len(planned)} point(s) from experiment '{experiment}' at {tracking.redact(uri)}; wrote "
           f"{out_dir}/{name}.{{md,tex,csv,html,png}}", file=sys.stderr)
     return 0
 
