@@ -44,11 +44,11 @@ def knn_top1(train_f, train_y, test_f, test_y, num_classes: int, k: int = 20, te
 def linear_top1(train_f, train_y, test_f, test_y, num_classes: int, epochs: int = 50, lr: float = 0.1,
                 batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the probe's init depends on the seed only, not on what ran before
         torch.manual_seed(seed)
         head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False), nn.Linear(train_f.shape[1], num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
+        nn.init.trunc_normal_(head[1].weight, std=0.01)
+        nn.init.zeros_(head[1].bias)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train_f) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)

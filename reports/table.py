@@ -123,6 +123,8 @@ def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0,
     default = rep.get("default")
     metrics = metrics_of(spec)
     relative = rep.get("relative_to") or {}
+    if isinstance(relative, str):  # `relative_to: ROW` = ratios to that row
+        relative = {"label": relative}
     ref_row, rel_as = relative.get("label"), relative.get("as", "ratio")
     if ref_row is not None:
         ref_row = str(ref_row)

@@ -113,8 +113,10 @@ def test_every_sweep_spec_expands_and_validates(compose):
         assert points, spec_file.name
         labels = {p.label for p in points}
         ref_rows = set(cfg.sweep.report.reference.rows)
-        if spec_file.stem != "mcm_epochs":  # its paper rows are paper epochs, not ours
-            assert labels == ref_rows, spec_file.name
+        # every paper row sits beside one of ours (a typo would silently drop the paper's number), except
+        # where the paper's settings are not ours by design: paper epochs, or teachers that need a hub
+        if spec_file.stem not in ("mcm_epochs", "maskalign_teacher"):
+            assert ref_rows <= labels, (spec_file.name, ref_rows - labels)
         assert cfg.sweep.report.default in labels, spec_file.name
         cache = {}
         for p in points:

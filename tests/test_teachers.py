@@ -143,3 +143,11 @@ def test_teacher_runs_in_bfloat16_when_asked():
 def test_hub_tags_are_recognised_without_downloading(compose, pretrained):
     from core.config import validate
     validate(compose("teacher=clip_vit_b16", f"teacher.pretrained={pretrained}"))
+
+
+def test_open_clip_teacher_at_another_input_size_resizes_its_token_grid():
+    # as CLIP-L/14 at 196 px gives a 14x14 grid for a ViT-B/16 student (MaskAlign Tab. 5)
+    t = OpenClipTeacher("ViT-S-32", "random", input_size=160)
+    assert t.input_size == 160 and t.visual.positional_embedding.shape[0] == 1 + 5 * 5
+    out = t(torch.rand(2, 3, 64, 64), grid=5, request=TeacherRequest(patch=True, cls_attention=True))
+    assert out.patch.shape == (2, 25, t.width) and out.cls_attention.shape == (2, 25)
