@@ -19,16 +19,17 @@ Choices the paper leaves open, made here:
   ViT-B/16). Channel indices of the target then still mean something, which the "masked channels only"
   reconstruction range (Tab. 7) needs. tests/test_methods.py proves the targets cannot shrink.
 - A teacher wider than the encoder (ViT-S with a CLIP-B teacher: 768 > 384): a map into D channels
-  would drop half of the target. Here the decoder then predicts in the teacher's width P = max(D, T)
-  and the frozen map is [T, P] (identity when T = P), so no target information is lost. The "masked
-  channels only" range needs P = D (the mask lives on the D encoder channels) and is refused otherwise.
+  would drop half of the target. Here the decoder then predicts P = k*D channels, k = ceil(T / D), and
+  the frozen map is [T, P] (identity when T = P, semi-orthogonal -- norm-preserving -- otherwise), so no
+  target information is lost. Encoder channel i owns prediction channels i, i + D, ..., i + (k-1)D, which
+  is what "masked channels only" (Tab. 7) covers then; with T <= D (k = 1) all this is the paper's map.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from core.config import ConfigError, check, check_in, check_number
+from core.config import check, check_in, check_number
 from core.mae import check_decoder, check_teacher_target
 from core.method import Method, register
 from core.targets import normalize_features, pixel_dim, pixel_targets
@@ -48,10 +49,8 @@ class MCM(Method):
         super().__init__()
         self.encoder = encoder
         D = encoder.embed_dim
-        P = max(D, target_dim)  # prediction width: the teacher's when it is wider (see the module docstring)
-        if recon_range == "masked" and P != D:
-            raise ConfigError("method.recon_range", recon_range, f"needs a target no wider than model.embed_dim="
-                              f"{D} (the target has {target_dim} channels)", "Use method.recon_range=all.")
+        self.widen = -(-target_dim // D)  # k: prediction width P = k * D >= T (see the module docstring)
+        P = self.widen * D
         decoder_dim = decoder_dim or D
         self.mask_ratio, self.masking = mask_ratio, masking
         self.encode_channel_forward, self.recon_range = encode_channel_forward, recon_range
@@ -147,9 +146,11 @@ class MCM(Method):
         return target.float() @ self.target_proj
 
     def forward_loss(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """z, target: [B, N, P], mask: [B, N, D]. MSE over all channels, or the masked ones (P = D)."""
+        """z, target: [B, N, P], mask: [B, N, D]. MSE over all channels, or the masked ones (with P = k*D,
+        encoder channel i owns channels i, i + D, ...)."""
         err = (z.float() - target) ** 2
         if self.recon_range == "masked":
+            mask = mask.repeat(1, 1, self.widen)
             return (err * mask).sum() / mask.sum()
         return err.mean()
 

@@ -199,13 +199,20 @@ def test_mae_draws_masks_from_its_own_generator_reproducibly():
 
 
 def test_mcm_predicts_in_the_teacher_width_when_the_teacher_is_wider():
-    # ViT-S (384) with a CLIP-B (768) teacher, scaled down: D = 32, T = 64. Nothing of the target is lost.
+    # ViT-S (384) with a CLIP-B (768) teacher, scaled down: D = 32, T = 64 (k = 2). Nothing of the target is lost.
     m = MCM(encoder(dim=32), target_dim=64)
     t = torch.randn(2, 16, 64)
     projected = m.project_target(t)
     assert projected.shape == (2, 16, 64) and torch.equal(projected, t)
     loss, out = m(torch.rand(2, 1, 16, 16), t)
     assert out["pred"].shape == (2, 16, 64) and torch.isfinite(loss)
-    from core.config import ConfigError
-    with pytest.raises(ConfigError, match="method.recon_range"):
-        MCM(encoder(dim=32), target_dim=64, recon_range="masked")
+    # T = 80 > D = 32: P = 96, an isometric map (norms kept), and "masked channels" = each masked encoder
+    # channel's 3 prediction channels
+    m = MCM(encoder(dim=32), target_dim=80, recon_range="masked")
+    t = torch.randn(2, 16, 80)
+    assert torch.allclose(m.project_target(t).norm(dim=-1), t.norm(dim=-1), atol=1e-4)
+    z, target = torch.zeros(1, 16, 96), torch.zeros(1, 16, 96)
+    mask = m.channel_masking(1, 16, 32, "cpu")
+    target[mask.repeat(1, 1, 3)] = 2.0                     # error only on the channels masked channels own
+    assert m.forward_loss(z, target, mask) == pytest.approx(4.0)
+    assert m.forward_loss(z, torch.where(mask.repeat(1, 1, 3), 0.0, 5.0), mask) == 0
