@@ -191,24 +191,36 @@ class OpenClipTeacher(_TokenViT):
         self.visual = visual
         self.width = visual.transformer.width
         self.layer_widths = [self.width] * len(visual.transformer.resblocks)
-        self.batch_first = getattr(visual.transformer, "batch_first", True)
         self.freeze()
 
     def embed(self, x):
-        x = self.visual._embeds(x)  # conv1, [CLS], positions, patch dropout (inactive in eval), ln_pre
-        return x if self.batch_first else x.transpose(0, 1)
+        return self.visual._embeds(x)  # [B, 1 + N, D]: conv1, [CLS], positions, patch dropout (off), ln_pre
 
     def block_list(self):
-        blocks = self.visual.transformer.resblocks
-        if self.batch_first:
-            return blocks
-        return [lambda x, b=b: b(x.transpose(0, 1)).transpose(0, 1) for b in blocks]
+        return [lambda x, b=b: self.run_block(b, x) for b in self.visual.transformer.resblocks]
+
+    @staticmethod
+    def run_block(blk, x: torch.Tensor) -> torch.Tensor:
+        """One open_clip residual block, batch-first, attention through F.scaled_dot_product_attention.
+
+        The same computation as the block's own forward (tests/test_teachers.py checks it), written out
+        because nn.MultiheadAttention leaves its fused path under autocast: in bf16 on CPU its generic path
+        copied the expanded projection weights for every batch element and made the teacher 3x slower than
+        in fp32; here every projection is one contiguous matmul, and bf16 runs at bf16 speed."""
+        attn = blk.attn
+        B, L, D = x.shape
+        h = attn.num_heads
+        y = blk.ln_1(x)
+        q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, h, D // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D)
+        x = x + blk.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
     def final_norm(self, x):
         return self.visual.ln_post(x)
 
     def cls_qk(self, blk, x):
-        blk = self.visual.transformer.resblocks[-1]  # (block_list may hold batch-first wrappers)
+        blk = self.visual.transformer.resblocks[-1]  # (block_list holds the run_block wrappers)
         attn, h = blk.attn, blk.attn.num_heads
         y = blk.ln_1(x)                                     # [B, L, D]
         D = y.shape[-1]

@@ -65,7 +65,7 @@ def test_open_clip_cls_attention_is_the_last_blocks_attention_row():
 def test_teacher_runs_only_as_deep_as_the_layers_asked_for():
     t = OpenClipTeacher("ViT-S-32", "random")
     ran = []
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+    hooks = [b.ln_1.register_forward_hook(lambda m, i, o, k=k: ran.append(k))   # each block's first module
              for k, b in enumerate(t.visual.transformer.resblocks)]
     out = t(torch.rand(1, 3, 64, 64), grid=2, request=TeacherRequest(layers=(2, 4)))
     assert ran == [0, 1, 2, 3, 4] and out.patch is None and len(out.layers) == 2
@@ -151,3 +151,16 @@ def test_open_clip_teacher_at_another_input_size_resizes_its_token_grid():
     assert t.input_size == 160 and t.visual.positional_embedding.shape[0] == 1 + 5 * 5
     out = t(torch.rand(2, 3, 64, 64), grid=5, request=TeacherRequest(patch=True, cls_attention=True))
     assert out.patch.shape == (2, 25, t.width) and out.cls_attention.shape == (2, 25)
+
+
+def test_a_bf16_clip_teacher_agrees_with_fp32():
+    torch.manual_seed(0)
+    imgs = torch.rand(2, 3, 224, 224)
+    req = TeacherRequest(patch=True, layers=(-2, -1), cls_attention=True)
+    t = OpenClipTeacher("ViT-S-32", "random")
+    full = t(imgs, grid=7, request=req)
+    t.dtype = torch.bfloat16
+    half = t(imgs, grid=7, request=req)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(half.patch, full.patch) < 0.03 and rel(half.layers[-1], full.layers[-1]) < 0.03
+    assert rel(half.cls_attention, full.cls_attention) < 0.05
