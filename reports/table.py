@@ -151,10 +151,12 @@ def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0,
 def best(report: Report) -> pd.DataFrame:
     """True where a cell holds its column's best value (highest, or lowest if the spec says so), as
     displayed. Ties are all best; a column with fewer than two distinct values has no best (bolding every
-    row says nothing). Relative columns repeat their metric and are not bolded."""
+    row says nothing). Relative columns repeat their metric and are not bolded; the paper's columns are
+    bolded only when higher is better (its columns may mix accuracies with costs otherwise)."""
     f = report.frame
     mask = pd.DataFrame(False, index=f.index, columns=f.columns)
-    for col in [f"{m}_mean" for m in report.shown_metrics] + report.paper_columns:
+    paper = report.paper_columns if report.best_is == "highest" else []
+    for col in [f"{m}_mean" for m in report.shown_metrics] + paper:
         values = f[col] if col.startswith(PAPER) else f.loc[report.grid_labels, col]
         shown = values.round(DECIMALS).dropna()
         if shown.nunique() >= 2:
