@@ -44,6 +44,21 @@ def check_patch_mask_ratio(cfg) -> None:
           f"must leave at least one visible patch of the {n}")
 
 
+def patch_target_width(cfg, teacher=None) -> int:
+    """Channels of a `pixel` / `norm_pixel` / `teacher` target per patch (MAE's and MCM's targets)."""
+    return teacher.width if cfg.method.target == "teacher" else pixel_dim(cfg.model.patch_size, cfg.data.channels)
+
+
+@torch.no_grad()
+def patch_targets(method, imgs, x, teacher=None) -> torch.Tensor:
+    """-> [B, N, T]: the teacher's features of the raw image (normalised as `method.target_norm`), or the
+    pixels of the normalised image (as MAE); `method` is the built MAE / MCM / SemanticMIM."""
+    enc = method.encoder
+    if method.target == "teacher":
+        return normalize_features(teacher(imgs, enc.grid, method.request).patch, method.target_norm)
+    return pixel_targets(x, enc.patch_size, method.target == "norm_pixel")
+
+
 def random_patch_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator):
     """x: [B, N, D] -> visible x: [B, K, D], mask: [B, N] (1 = dropped), ids_restore: [B, N].
 
@@ -93,18 +108,13 @@ class MAE(Method):
     @classmethod
     def build(cls, cfg, teacher=None) -> "MAE":
         m = cfg.method
-        tdim = teacher.width if m.target == "teacher" else pixel_dim(cfg.model.patch_size, cfg.data.channels)
-        return cls(build_encoder(cfg), tdim, mask_ratio=m.mask_ratio, decoder_dim=m.decoder_dim,
+        return cls(build_encoder(cfg), patch_target_width(cfg, teacher), mask_ratio=m.mask_ratio, decoder_dim=m.decoder_dim,
                    decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, mlp_ratio=cfg.model.mlp_ratio,
                    target=m.target, target_norm=m.get("target_norm", "layernorm"),
                    teacher_request=cls.teacher_request(cfg))
 
-    @torch.no_grad()
     def make_targets(self, imgs, x, teacher=None) -> torch.Tensor:
-        """-> [B, N, T]: teacher features of the raw image, or pixels of the normalised one (as MAE)."""
-        if self.target == "teacher":
-            return normalize_features(teacher(imgs, self.encoder.grid, self.request).patch, self.target_norm)
-        return pixel_targets(x, self.encoder.patch_size, self.target == "norm_pixel")
+        return patch_targets(self, imgs, x, teacher)
 
     def forward_encoder(self, imgs: torch.Tensor):
         """imgs: [B, C, H, W] -> latent: [B, 1 + K, D], mask: [B, N], ids_restore: [B, N]."""

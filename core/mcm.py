@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 
 from core.config import check, check_in, check_number
-from core.mae import check_decoder, check_teacher_target
+from core.mae import check_decoder, check_teacher_target, patch_target_width, patch_targets
 from core.method import Method, register
-from core.targets import normalize_features, pixel_dim, pixel_targets
 from core.vit import ViTEncoder, blocks, build_encoder, init_weights, sincos_pos_embed
 
 
@@ -85,8 +84,7 @@ class MCM(Method):
     @classmethod
     def build(cls, cfg, teacher=None) -> "MCM":
         m = cfg.method
-        tdim = teacher.width if m.target == "teacher" else pixel_dim(cfg.model.patch_size, cfg.data.channels)
-        return cls(build_encoder(cfg), tdim, mask_ratio=m.mask_ratio, masking=m.masking,
+        return cls(build_encoder(cfg), patch_target_width(cfg, teacher), mask_ratio=m.mask_ratio, masking=m.masking,
                    encode_channel_forward=m.encode_channel_forward, recon_range=m.recon_range,
                    decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
                    mlp_ratio=cfg.model.mlp_ratio, target=m.target, target_norm=m.get("target_norm", "layernorm"),
@@ -98,12 +96,9 @@ class MCM(Method):
     def unused_parameters(self) -> set[str]:
         return set() if self.encode_channel_forward else {"encode_channel"}
 
-    @torch.no_grad()
     def make_targets(self, imgs, x, teacher=None) -> torch.Tensor:
-        """-> [B, N, T] before the frozen map: teacher features of the raw image, or pixels."""
-        if self.target == "teacher":
-            return normalize_features(teacher(imgs, self.encoder.grid, self.request).patch, self.target_norm)
-        return pixel_targets(x, self.encoder.patch_size, self.target == "norm_pixel")
+        """-> [B, N, T] before the frozen map (MAE's targets)."""
+        return patch_targets(self, imgs, x, teacher)
 
     @staticmethod
     def _frozen_projection(t: int, p: int) -> torch.Tensor:

@@ -26,9 +26,9 @@ from timm.layers import DropPath, Mlp
 
 from core.config import check, check_in, check_number
 from core.hog import hog_patch_targets
-from core.mae import check_patch_mask_ratio, check_teacher_target, random_patch_masking
+from core.mae import check_patch_mask_ratio, check_teacher_target, patch_targets, random_patch_masking
 from core.method import Method, register
-from core.targets import normalize_features, pixel_dim, pixel_targets
+from core.targets import pixel_dim
 from core.vit import ViTEncoder, build_encoder, init_weights
 
 
@@ -154,9 +154,7 @@ class SemanticMIM(Method):
             return hog_patch_targets(imgs.float(), p, self.hog_cell_size)
         if self.target == "tokens":
             return self.tokenizer(imgs, grid)
-        if self.target == "teacher":
-            return normalize_features(teacher(imgs, grid, self.request).patch, self.target_norm)
-        return pixel_targets(x, p, self.target == "norm_pixel")
+        return patch_targets(self, imgs, x, teacher)
 
     def forward_proxy(self, x: torch.Tensor):
         """x: [B, C, H, W] -> predictions for the masked patches [B, L2, T] and their ids [B, L2]."""
