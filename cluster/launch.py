@@ -233,7 +233,7 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         handed_over.update(pl.run_id for pl in todo)   # run_point ended each of them, one way or another
         c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed,
                                                                "skipped": len(planned) - len(todo)}))
-        c.set_terminated(parent, "FAILED" if failed else "FINISHED")
+        tracking.set_status(c, parent, "FAILED" if failed else "FINISHED")
         return 1 if failed else 0
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
@@ -254,8 +254,7 @@ def _end_runs(c, parent: str | None, run_ids: list[str], reason: str, status: st
         try:
             if c.get_run(rid).info.status in ("FINISHED", "FAILED", "KILLED") and rid != parent:
                 continue
-            c.set_tag(rid, tracking.TAG + "failure", reason[:5000])
-            c.set_terminated(rid, status)
+            tracking.set_status(c, rid, status, reason)
         except Exception as e:  # noqa: BLE001
             print(f"warning: could not mark run {rid} {status}: {type(e).__name__}: {e}", file=sys.stderr)
 
@@ -283,7 +282,7 @@ def _submit_slurm(c, parent: str, todo: list[Planned], arrays: list[dict], cfg, 
         ids = [a["job_id"] for a in arrays if a["job_id"] and a["job_id"] not in partial]
         if ids:
             c.set_tag(parent, tracking.TAG + "slurm_arrays", ",".join(ids))
-    c.set_terminated(parent, "FINISHED")  # the launch is done; the points report into their own runs
+    tracking.set_status(c, parent, "FINISHED")  # the launch is done; the points report into their own runs
     print(f"queued {len(todo)} point(s) as {len(arrays)} array job(s): {', '.join(ids)}")
     print(f"follow them with: python cluster/status.py sweep={name}  (MLflow: {tracking.redact(uri)})")
     return 0

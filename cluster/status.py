@@ -101,8 +101,7 @@ def cancel(rows, label: str, uri: str, wait_s: float = 120) -> None:
         if mine:
             print(f"cancelled {pl.point.label}: {' '.join(mine)}")
         if run and run.info.status in ("RUNNING", "SCHEDULED"):
-            c.set_tag(run.info.run_id, tracking.TAG + "failure", "cancelled by the user")
-            c.set_terminated(run.info.run_id, "KILLED")
+            tracking.set_status(c, run.info.run_id, "KILLED", "cancelled by the user")
 
 
 def main(argv: list[str]) -> int:

@@ -56,8 +56,7 @@ def main(manifest_path: str) -> int:
             print(f"[mimsweep] {e}; leaving the requeue to SLURM", flush=True)
             return 0
         if restarts >= manifest["max_requeues"]:
-            log.tag("failure", f"stopped by {stop['signal']} after {restarts} requeue(s): {e}")
-            c.set_terminated(point["run_id"], "FAILED")
+            tracking.set_status(c, point["run_id"], "FAILED", f"stopped by {stop['signal']} after {restarts} requeue(s): {e}")
             return 1
         array_task = job
         print(f"[mimsweep] {e}; requeueing {array_task} ({restarts + 1}/{manifest['max_requeues']})", flush=True)

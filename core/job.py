@@ -87,7 +87,7 @@ def _count_flops(cfg, run_id: str, c, log) -> dict:
     for k, v in results.items():
         log(k, v, 0)
     log.flush()
-    c.set_terminated(run_id, "FINISHED")
+    tracking.set_status(c, run_id, "FINISHED")
     return results
 
 
@@ -105,7 +105,7 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
     c = tracking.client(uri)
     log = tracking.MetricLog(c, run_id, enabled=lead)
     if lead:
-        c.update_run(run_id, status="RUNNING")
+        tracking.set_status(c, run_id, "RUNNING")
     t0 = time.perf_counter()
     try:
         device = pick_device(cfg.device, local_rank)
@@ -149,21 +149,20 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
             if stats["resumed_from"]:
                 log.tag("resumed_from_step", str(stats["resumed_from"]))
             if phase == "pretrain":
-                c.update_run(run_id, status="SCHEDULED")  # waits for its evaluation task
+                tracking.set_status(c, run_id, "SCHEDULED")  # waits for its evaluation task
             else:
-                c.set_terminated(run_id, "FINISHED")
+                tracking.set_status(c, run_id, "FINISHED")
         return results
     except Preempted:
         log.flush()
         if lead:
-            c.update_run(run_id, status="SCHEDULED")  # waits for its requeued job; not failed, not finished
+            tracking.set_status(c, run_id, "SCHEDULED")  # waits for its requeued job; not failed, not finished
         raise
     except BaseException as e:
         log.flush()
         reason = "non-finite loss" if isinstance(e, NonFiniteLoss) else type(e).__name__
-        log.tag("failure", f"{reason}: {e}"[:5000])
         if lead:
-            c.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracking.set_status(c, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{reason}: {e}")
         raise
     finally:
         if world > 1 and torch.distributed.is_initialized():

@@ -204,8 +204,26 @@ def create_point_run(c, exp_id: str, parent_id: str | None, sweep: str, label: s
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         c.log_batch(rid, params=params[i:i + 100])
     c.log_text(rid, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    c.update_run(rid, status="SCHEDULED")
+    set_status(c, rid, "SCHEDULED")
     return rid
+
+
+STATUSES = ("SCHEDULED", "RUNNING", "FINISHED", "FAILED", "KILLED")
+
+
+def set_status(c, run_id: str, status: str, reason: str | None = None) -> None:
+    """The one place a run's status is written. FAILED/KILLED carry their reason in `mimsweep.failure`;
+    FINISHED removes a failure tag an earlier attempt left (a run that finished is not marked failed)."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown run status {status!r}")
+    if reason is not None:
+        c.set_tag(run_id, TAG + "failure", reason[:5000])
+    elif status == FINISHED and TAG + "failure" in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, TAG + "failure")
+    if status in ("SCHEDULED", "RUNNING"):
+        c.update_run(run_id, status=status)
+    else:
+        c.set_terminated(run_id, status)
 
 
 class MetricLog:
