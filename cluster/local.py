@@ -10,6 +10,11 @@ import traceback
 from pathlib import Path
 
 from core.job import run_point
+from core.tracking import TrackingUnavailable
+from core.train import DiskFull, NonFiniteLoss
+
+# Failures whose message says all (what happened, what to do): no traceback for them.
+EXPLAINED = (DiskFull, NonFiniteLoss, TrackingUnavailable)
 
 
 def run_all(todo, uri: str, root: Path) -> int:
@@ -22,6 +27,10 @@ def run_all(todo, uri: str, root: Path) -> int:
             res = run_point(pl.cfg, pl.run_id, uri, str(root / pl.workdir_name))
         except KeyboardInterrupt:
             raise
+        except EXPLAINED as e:
+            failed += 1
+            print(f"    FAILED: {e}", flush=True)
+            continue
         except Exception as e:  # noqa: BLE001 - reported, tracked as FAILED, and the sweep continues
             failed += 1
             traceback.print_exc()

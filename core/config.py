@@ -144,6 +144,7 @@ def validate(cfg) -> None:
     check_number(cfg, "evaluate.knn.temperature", 0, lo_open=True)
     check_number(cfg, "evaluate.linear.epochs", 1, integer=True)
     check_number(cfg, "evaluate.linear.lr", 0, lo_open=True)
+    check_number(cfg, "tracking.outage_wait_s", 0, optional=True)
     check_in(cfg, "task", ("train", "flops"))
     check_in(cfg, "device", ("auto", "cpu", "cuda"))
     check_number(cfg, "seed", 0, integer=True)

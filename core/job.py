@@ -87,7 +87,7 @@ def _count_flops(cfg, run_id: str, c, log) -> dict:
     for k, v in results.items():
         log(k, v, 0)
     log.flush()
-    tracking.set_status(c, run_id, "FINISHED")
+    tracking.patiently(tracking.set_status, c, run_id, "FINISHED", wait_s=log.wait_s, what="run status")
     return results
 
 
@@ -102,10 +102,16 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
     cfg = OmegaConf.create(cfg) if isinstance(cfg, str) else cfg
     rank, world, local_rank = dist_env()
     lead = rank == 0
-    c = tracking.client(uri)
-    log = tracking.MetricLog(c, run_id, enabled=lead)
-    if lead:
-        tracking.set_status(c, run_id, "RUNNING")
+    c = tracking.job_client(uri)
+    wait = float(cfg.tracking.get("outage_wait_s", 0) or 0)
+    log = tracking.MetricLog(c, run_id, enabled=lead, spool=Path(workdir) / "metrics.spool.jsonl", wait_s=wait)
+
+    def status(st: str, reason: str | None = None) -> None:
+        if lead:
+            tracking.patiently(tracking.set_status, c, run_id, st, reason, wait_s=wait, what=f"run status {st}")
+
+    status("RUNNING")
+    log.drain()  # what an earlier job of this run spooled during an outage
     t0 = time.perf_counter()
     try:
         device = pick_device(cfg.device, local_rank)
@@ -130,7 +136,8 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
         stats = pretrain(cfg, model, teacher, train_split, ckpt, log, device, should_stop, rank, world, ddp)
         results = {}
         if lead and phase != "evaluate" and stats["steps"] > stats["resumed_from"]:
-            log_artifacts(c, run_id, model, teacher, test_split, cfg, device)
+            tracking.patiently(log_artifacts, c, run_id, model, teacher, test_split, cfg, device, wait_s=wait,
+                               what="artifacts")
         if phase != "pretrain" and lead:
             results = evaluate(model.encoder, cfg, train_split, test_split, device)
             if cfg.evaluate.floor:  # same architecture and seed, untrained: what pre-training has to beat
@@ -142,27 +149,34 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
                            epoch_s=len(train_split.dataset) / stats["img_per_s"])
         # wall_s is the whole point's; a pre-training-only task reports its own share under another name
         results["pretrain_job_wall_s" if phase == "pretrain" else "wall_s"] = time.perf_counter() - t0
+        # A job that evaluates again after its results arrived (killed before its final status) logs none twice.
+        done = tracking.patiently(tracking.logged_at, c, run_id, list(results), stats["steps"], wait_s=wait,
+                                  what="metric history") if lead and stats["resumed_from"] else set()
         for k, v in results.items():
-            log(k, v, stats["steps"])
+            if k not in done:
+                log(k, v, stats["steps"])
         log.flush()
-        if lead:
-            if stats["resumed_from"]:
-                log.tag("resumed_from_step", str(stats["resumed_from"]))
-            if phase == "pretrain":
-                tracking.set_status(c, run_id, "SCHEDULED")  # waits for its evaluation task
-            else:
-                tracking.set_status(c, run_id, "FINISHED")
+        if lead and not log.drain():
+            raise tracking.TrackingUnavailable(
+                f"the tracking store did not answer for tracking.outage_wait_s={wait:.0f} s; the metrics wait in "
+                f"{log.spool} and are sent by the next job of this run: relaunch the sweep when the server is back")
+        if lead and stats["resumed_from"]:
+            log.tag("resumed_from_step", str(stats["resumed_from"]))
+        status("SCHEDULED" if phase == "pretrain" else "FINISHED")  # SCHEDULED: waits for its evaluation task
         return results
     except Preempted:
-        log.flush()
-        if lead:
-            tracking.set_status(c, run_id, "SCHEDULED")  # waits for its requeued job; not failed, not finished
+        log.flush()  # the checkpoint before Preempted covers every buffered step
+        status("SCHEDULED")  # waits for its requeued job; not failed, not finished
         raise
     except BaseException as e:
-        log.flush()
+        log.drop()  # steps after the last checkpoint: the resumed job logs them, once
+        if isinstance(e, tracking.TrackingUnavailable):
+            raise  # the store cannot be told; the next job of this run sends the spool and ends it
         reason = "non-finite loss" if isinstance(e, NonFiniteLoss) else type(e).__name__
-        if lead:
-            tracking.set_status(c, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{reason}: {e}")
+        try:
+            status("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{reason}: {e}")
+        except tracking.TrackingUnavailable as te:
+            print(f"[mimsweep] {te}", flush=True)
         raise
     finally:
         if world > 1 and torch.distributed.is_initialized():

@@ -10,6 +10,7 @@ generator's seed (`mask_seed`), so a resumed job ends bit-for-bit where an unint
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from core import data as data_lib
+from core import faults
 from core import method as methods
 from core.vit import upgrade_state_dict
 
@@ -110,15 +112,46 @@ def all_rng_states(world_size: int) -> list[dict]:
     return gathered
 
 
+class DiskFull(OSError):
+    """The checkpoint did not fit on its filesystem; the previous checkpoint is intact."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temp file in the same folder, fsync, rename over the old checkpoint."""
+    """Atomic: write a temp file in the same folder, fsync, rename over the old checkpoint. A write that
+    fails (a full disk) removes its temp file and leaves the previous checkpoint as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if _no_space(e):  # torch reports it as "unexpected pos ..." with the OSError as its context
+            import shutil
+            free = shutil.disk_usage(path.parent).free / 2 ** 20
+            raise DiskFull(errno.ENOSPC, f"no space left on the device of {path.parent} for the checkpoint "
+                           f"({free:.0f} MiB free). Free space or move output_root, then relaunch: the run "
+                           "resumes from its last checkpoint") from None
+        raise
+
+
+def _no_space(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Temp files of checkpoint writes killed before their rename (`.NAME.PID.tmp`): removed at start."""
+    stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: Path):
@@ -166,8 +199,9 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
              should_stop=lambda: False, rank: int = 0, world_size: int = 1, ddp_model=None) -> dict:
     """Train until the schedule ends, resuming from `ckpt_path` if it exists.
 
-    log(key, value, step) buffers a metric; log.flush() sends the buffer (done at every checkpoint, so
-    what MLflow holds always matches a checkpoint and a resumed run never logs a step twice).
+    log(key, value, step) buffers a metric; every checkpoint carries `log.pending()` and is followed by
+    `log.flush()`, and a resume `log.replay()`s what its checkpoint carries: the tracker holds every step
+    up to the last checkpoint exactly once (core/tracking.py MetricLog says how).
     Returns {'steps', 'resumed_from', 'wall_s', 'img_per_s'}.
     """
     p = cfg.pretrain
@@ -175,6 +209,8 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
     opt = build_optimizer(model, cfg, lr)
     scaler = torch.amp.GradScaler(device.type, enabled=p.precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.precision)
+    if rank == 0:
+        remove_stale_temps(ckpt_path)
     step, ckpt = 0, load_checkpoint(ckpt_path)
     if ckpt is not None:
         model.load_state_dict(upgrade_state_dict(model, ckpt["model"]))
@@ -183,6 +219,7 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
         rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank (older: one)
         set_rng_state(rng[rank] if rank < len(rng) else rng[0])
         step = ckpt["step"]
+        log.replay(ckpt.get("metrics", []))  # lost if the last job died between this checkpoint and its flush
     resumed_from = step
     net = ddp_model or model
 
@@ -190,7 +227,9 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
         states = all_rng_states(world_size)
         if rank == 0:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                        "scaler": scaler.state_dict(), "rng": states, "step": step})
+                                        "scaler": scaler.state_dict(), "rng": states, "step": step,
+                                        "metrics": log.pending()})
+        faults.point("checkpoint.renamed")
         log.flush()
 
     mean = torch.tensor(cfg.data.mean, device=device).view(1, -1, 1, 1)
