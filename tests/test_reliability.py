@@ -20,58 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, TINY
-
-# 120 optimiser steps of a micro ViT (~10 s), a checkpoint every 5, a metric row every step.
-POINT = [*TINY, "pretrain.epochs=20", "pretrain.max_steps=120", "pretrain.checkpoint_every=5", "pretrain.log_every=1",
-         "data.train_limit=512", "data.test_limit=64", "evaluate.linear.epochs=1", "method.target=norm_pixel"]
-KEYS = ("train_loss", "lr", "progress")  # throughput is wall-clock: it differs between any two runs
-
-
-def _env(**extra) -> dict:
-    env = {**os.environ, "MIMSWEEP_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MIMSWEEP_FAULT", None) if "MIMSWEEP_FAULT" not in extra else None
-    return env
-
-
-def launch(out: Path, *extra: str, env: dict | None = None, uri: str | None = None) -> subprocess.Popen:
-    args = [*POINT, f"output_root={out}", *([f"tracking.uri={uri}"] if uri else []), *extra]
-    return subprocess.Popen([sys.executable, "sweeps/run.py", *args], cwd=REPO, env=env or _env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def finish(out: Path, *extra: str, uri: str | None = None, tries: int = 3) -> str:
-    """Relaunch until the point is FINISHED (what a user does after a crash)."""
-    text = ""
-    for _ in range(tries):
-        p = launch(out, *extra, uri=uri)
-        text += p.communicate(timeout=600)[0]
-        if p.returncode == 0:
-            return text
-    raise AssertionError(text)
-
-
-def point_run(uri: str):
-    c = MlflowClient(uri)
-    runs = [r for r in c.search_runs([e.experiment_id for e in c.search_experiments()])
-            if r.data.tags.get("mimsweep.kind") == "point"]
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return c, runs[0]
-
-
-def history(uri: str) -> dict[str, list[tuple[int, float]]]:
-    c, run = point_run(uri)
-    return {k: sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, k)) for k in KEYS}
-
-
-def counts(h: dict, total: int = 120) -> tuple[int, int]:
-    """(lost, doubled) logged steps of train_loss against steps 1..total."""
-    steps = [s for s, _ in h["train_loss"]]
-    return len(set(range(1, total + 1)) - set(steps)), len(steps) - len(set(steps))
-
+from bench.reliability import _env, counts, finish, history, launch, point_run
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
