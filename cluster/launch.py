@@ -218,6 +218,7 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
 
     c = check_tracking(uri, create=True, shown=raw_uri)
     exp_id = tracking.experiment_id(c, exp_name, uri)
+    tracking.close_orphaned_launches(c, exp_id)
     parent, handed_over = None, set()
     try:
         parent = tracking.start_launch(c, exp_id, name, overrides, len(todo))
@@ -239,24 +240,31 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         interrupted = isinstance(e, KeyboardInterrupt)
         reason = "interrupted" if interrupted else tracking.redact_text(f"{type(e).__name__}: {e}", raw_uri)
         left = [pl.run_id for pl in todo if pl.run_id and pl.run_id not in handed_over]
-        _end_runs(c, parent, left, reason, "KILLED" if interrupted else "FAILED")
+        marked = _end_runs(c, parent, left, reason, "KILLED" if interrupted else "FAILED")
         if interrupted:
             raise
+        if not marked:
+            raise LaunchError(f"the launch failed: {reason}. The tracking store did not answer, so its runs could "
+                              "not be marked; relaunch when it answers again: finished points are skipped, the "
+                              "others resume from their checkpoints, and this launch's run is closed.") from None
         raise LaunchError(f"the launch failed after creating its MLflow runs: {reason}. The launch run"
                           f"{' ' + parent[:8] if parent else ''} and {len(left)} point run(s) not handed to a job are "
                           f"marked FAILED (reason in the tag {tracking.TAG}failure); relaunch to retry them.") from None
 
 
-def _end_runs(c, parent: str | None, run_ids: list[str], reason: str, status: str) -> None:
+def _end_runs(c, parent: str | None, run_ids: list[str], reason: str, status: str) -> bool:
     """Ends what this launch leaves open (SCHEDULED/RUNNING), best effort: a store that just failed may
-    fail again. Runs that already ended (a point that finished before the failure) keep their status."""
+    fail again (-> False). Runs that already ended (a point that finished before the failure) keep their status."""
+    ok = True
     for rid in [*run_ids, *([parent] if parent else [])]:
         try:
             if c.get_run(rid).info.status in ("FINISHED", "FAILED", "KILLED") and rid != parent:
                 continue
             tracking.set_status(c, rid, status, reason)
         except Exception as e:  # noqa: BLE001
-            print(f"warning: could not mark run {rid} {status}: {type(e).__name__}: {e}", file=sys.stderr)
+            ok = False
+            print(f"warning: could not mark run {rid} {status}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+    return ok
 
 
 def _submit_slurm(c, parent: str, todo: list[Planned], arrays: list[dict], cfg, uri: str, root: Path, name: str,

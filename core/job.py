@@ -158,8 +158,8 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
         log.flush()
         if lead and not log.drain():
             raise tracking.TrackingUnavailable(
-                f"the tracking store did not answer for tracking.outage_wait_s={wait:.0f} s; the metrics wait in "
-                f"{log.spool} and are sent by the next job of this run: relaunch the sweep when the server is back")
+                f"the tracking store did not answer for {wait:.0f} s (tracking.outage_wait_s); the metrics wait in "
+                f"{log.spool} and are sent by the next job of this run. Relaunch the sweep when the server is back")
         if lead and stats["resumed_from"]:
             log.tag("resumed_from_step", str(stats["resumed_from"]))
         status("SCHEDULED" if phase == "pretrain" else "FINISHED")  # SCHEDULED: waits for its evaluation task

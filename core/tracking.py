@@ -182,8 +182,31 @@ def start_launch(c, exp_id: str, sweep: str, overrides: list[str], n_points: int
     run = c.create_run(exp_id, run_name=f"{sweep} launch {time.strftime('%Y-%m-%d %H:%M:%S')}", tags={
         TAG + "kind": "launch", TAG + "sweep": sweep, TAG + "overrides": json.dumps(overrides),
         TAG + "points": str(n_points), TAG + "git_commit": commit, TAG + "git_dirty": str(dirty),
-        TAG + "host": socket.gethostname(), "mlflow.source.git.commit": commit})
+        TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid()), "mlflow.source.git.commit": commit})
     return run.info.run_id
+
+
+def close_orphaned_launches(c, exp_id: str) -> list[str]:
+    """Launch runs left RUNNING by a launch process of this host that no longer exists (killed with -9, or
+    it ended while the store was unreachable): marked FAILED with that reason. -> their ids."""
+    host, closed = socket.gethostname(), []
+    runs = c.search_runs([exp_id], filter_string=f"tags.`{TAG}kind` = 'launch' and attributes.status = 'RUNNING'",
+                         max_results=1000)
+    for r in runs:
+        tags = r.data.tags
+        if tags.get(TAG + "host") != host or not tags.get(TAG + "pid", "").isdigit():
+            continue
+        try:
+            os.kill(int(tags[TAG + "pid"]), 0)
+            continue  # alive: a launch running now
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        set_status(c, r.info.run_id, "FAILED", "its launch process ended without closing it (killed, or the "
+                   "tracking store was unreachable when it ended); its points are resumed by later launches")
+        closed.append(r.info.run_id)
+    return closed
 
 
 def create_point_run(c, exp_id: str, parent_id: str | None, sweep: str, label: str, overrides: list[str],
@@ -233,8 +256,10 @@ JOB_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BAC
 
 
 def job_client(uri: str):
+    import logging
     for var, value in JOB_HTTP_ENV.items():
         os.environ.setdefault(var, value)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # one line per retry otherwise
     return client(uri)
 
 
@@ -251,8 +276,10 @@ def patiently(fn, *args, wait_s: float = 0.0, what: str = "", **kwargs):
         except Exception as e:  # noqa: BLE001 - connection refused, 5xx, timeouts: all mean "try again later"
             if time.monotonic() >= deadline or not _transient(e):
                 if _transient(e):
-                    raise TrackingUnavailable(f"the tracking store did not answer for {wait_s:.0f} s ({what}): "
-                                              f"{type(e).__name__}: {str(e)[:200]}") from e
+                    raise TrackingUnavailable(
+                        f"the tracking store did not answer for {wait_s:.0f} s (tracking.outage_wait_s; sending "
+                        f"{what}): {type(e).__name__}: {str(e)[:160]}. Relaunch the sweep when the server is back: "
+                        "the run resumes from its checkpoint and sends its spooled metrics") from e
                 raise
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
 

@@ -40,6 +40,8 @@ def _assert_exactly_once(out: Path, reference: dict, uri: str | None = None):
     assert h == reference                          # bit-identical values, each step once
     assert not list(out.rglob("*.tmp")), list(out.rglob("*.tmp"))
     assert not list(out.rglob("metrics.spool.jsonl"))
+    left = [r.info.status for r in c.search_runs([run.info.experiment_id]) if r.info.status in ("RUNNING", "SCHEDULED")]
+    assert left == []                              # the killed launches' runs were closed by the relaunch
 
 
 def test_reference_logs_every_step_once(reference):
@@ -137,7 +139,11 @@ def _server(root: Path, port: int) -> subprocess.Popen:
     raise AssertionError((root / "server.log").read_text()[-3000:])
 
 
-def test_server_outage_mid_run_spools_then_replays_and_the_run_finishes(tmp_path, reference):
+@pytest.mark.parametrize("back", ["before the job ends", "after the job gave up"])
+def test_server_outage_mid_run_spools_then_replays_and_the_run_finishes(tmp_path, reference, back):
+    """The server dies hard while the point trains. Either it is back within tracking.outage_wait_s (the
+    job spools, trains on, waits at its end, sends the spool and finishes), or not (the job exits saying
+    so, the spool stays; the next launch's job sends it and finishes the run)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,7 +151,8 @@ def test_server_outage_mid_run_spools_then_replays_and_the_run_finishes(tmp_path
     uri = f"http://127.0.0.1:{port}"
     server = _server(tmp_path, port)
     out = tmp_path / "out"
-    p = launch(out, uri=uri)
+    gives_up = back == "after the job gave up"
+    p = launch(out, *(["tracking.outage_wait_s=3"] if gives_up else []), uri=uri)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:                # the run is training: some steps arrived
@@ -158,13 +165,21 @@ def test_server_outage_mid_run_spools_then_replays_and_the_run_finishes(tmp_path
                 pass
         os.killpg(server.pid, signal.SIGKILL)        # the server dies, hard
         server.wait(timeout=30)
-        time.sleep(12)                               # longer than the client's retries
-        server = _server(tmp_path, port)             # back, same store
-        text = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, text
-        assert "metrics go to" in text               # it did spool
+        if gives_up:
+            text = p.communicate(timeout=600)[0]
+            assert p.returncode == 1, text
+            assert "metrics go to" in text and "Relaunch the sweep when the server is back" in text, text
+            assert (next(out.glob("runs/*/*/metrics.spool.jsonl"))).stat().st_size > 0
+            server = _server(tmp_path, port)
+            finish(out, uri=uri)
+        else:
+            time.sleep(12)                           # longer than the client's retries
+            server = _server(tmp_path, port)         # back, same store
+            text = p.communicate(timeout=600)[0]
+            assert p.returncode == 0, text
+            assert "metrics go to" in text           # it did spool
         _assert_exactly_once(out, reference, uri)
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        os.killpg(server.pid, signal.SIGTERM)
+        for proc in (p, server):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
