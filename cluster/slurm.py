@@ -107,7 +107,8 @@ def job_name(sweep: str) -> str:
 
 
 def sbatch_script(cl, manifest: Path, n_tasks: int, job_name: str, log_dir: Path, phase: str,
-                  dependency: str | None = None) -> str:
+                  dependency: str | None = None, code: Path = REPO) -> str:
+    """`code`: the folder the task runs from (the launch's snapshot, cluster/snapshot.py)."""
     res = cl.eval if phase == "evaluate" else cl
     procs = max(int(res.gpus_per_task or 0), 1)
     pre = "cluster.eval" if phase == "evaluate" else "cluster"
@@ -143,8 +144,8 @@ def sbatch_script(cl, manifest: Path, n_tasks: int, job_name: str, log_dir: Path
     setup = list(cl.setup or [])  # shell lines by design: only checked to be single lines
     for i, line in enumerate(setup):
         _shell_arg(f"cluster.setup[{i}]", line)
-    lines += ["", "set -e", *setup, f"cd {_shell_arg('repository path', str(REPO))}",
-              f"export PYTHONPATH={_shell_arg('repository path', str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+    lines += ["", "set -e", *setup, f"cd {_shell_arg('output_root', str(code))}",
+              f"export PYTHONPATH={_shell_arg('output_root', str(code))}${{PYTHONPATH:+:$PYTHONPATH}}",
               "export MIMSWEEP_PROGRESS=0",
               # No cgroups on every site: keep PyTorch's threads within the CPUs the task was given.
               "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
@@ -203,7 +204,7 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- submission
-def prepare(todo: list, cl, root: Path, sweep: str, max_array: int) -> list[dict]:
+def prepare(todo: list, cl, root: Path, sweep: str, max_array: int, code: Path = REPO) -> list[dict]:
     """The array(s) for `todo`, at most MaxArraySize tasks each, nothing written or submitted:
     [{'phase', 'tasks', 'script', 'manifest', 'points', 'log_dir', 'job_id': None}]. Scripts do not depend on
     the points' run ids, so the launch can `test_only` them before any MLflow run exists."""
@@ -220,7 +221,7 @@ def prepare(todo: list, cl, root: Path, sweep: str, max_array: int) -> list[dict
         dependency = None
         for phase in phases:
             manifest = slurm_dir / f"array{ci // chunk}-{phase}.json"
-            script = sbatch_script(cl, manifest, len(part), job_name(sweep), log_dir, phase, dependency)
+            script = sbatch_script(cl, manifest, len(part), job_name(sweep), log_dir, phase, dependency, code)
             arrays.append({"phase": phase, "tasks": len(part), "script": script, "manifest": manifest,
                            "points": part, "log_dir": log_dir, "job_id": None})
             dependency = f"aftercorr:{DEPENDENCY_PLACEHOLDER}"
