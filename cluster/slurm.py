@@ -4,9 +4,17 @@ Each array task runs `python -m cluster.task MANIFEST` on its node: the manifest
 the array (resolved config, MLflow run id, tracking URI, work folder), the task picks its own by
 SLURM_ARRAY_TASK_ID. Nothing has to stay alive on the login node: results arrive in MLflow.
 
-Why not hydra-submitit-launcher: it blocks until every job ends and never requeues on timeout by
-default (ENV.md); a launch here queues and returns. The sbatch script is plain text, printed by
-`dry_run=true`, so what reaches the scheduler is always visible.
+Why not hydra-submitit-launcher for sweeps: it blocks until every job ends and never requeues on
+timeout by default (ENV.md); a launch here queues and returns. The sbatch script is plain text, printed
+by `dry_run=true`, so what reaches the scheduler is always visible. The launcher does serve ad-hoc grids:
+`python sweeps/run.py -m hydra/launcher=submitit_slurm method.mask_ratio=0.6,0.75` makes one SLURM job
+per value, and each runs `launch()` with cluster=local inside its job, so tracking, skip and resume are a
+launch's (tests/test_slurm.py runs it on the local cluster); such jobs import the live tree, no snapshot.
+
+Why submitit is not a dependency of ours (hydra-submitit-launcher brings it): submission is the sbatch
+script above; rank and world size are three SLURM variables (core/job.py dist_env), what
+submitit.JobEnvironment reads too; the code snapshot is cluster/snapshot.py (why not RsyncSnapshot: there).
+The array tasks `cd` into the launch's snapshot, not the live working tree.
 
 Safe by construction: every value of the script went through cluster/checks.py (no control
 characters, plain tokens for `#SBATCH --partition/account/qos/constraint`, integers for resources) and
