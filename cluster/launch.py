@@ -189,17 +189,18 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     arrays = []
     todo = [pl for pl in planned if pl.action in ("new", "resume")]
     if backend == "slurm":
-        from cluster import slurm
+        from cluster import slurm, snapshot
+        snap = snapshot.plan(cfg.output_root)          # the tasks run this copy of the code, not the live tree
         if not cfg.dry_run or shutil.which("sbatch"):
             max_array = slurm.preflight(cfg.cluster)
             if not cfg.dry_run:
                 skip_queued(planned)
                 todo = [pl for pl in planned if pl.action in ("new", "resume")]
-            arrays = slurm.prepare(todo, cfg.cluster, root, name, max_array)
+            arrays = slurm.prepare(todo, cfg.cluster, root, name, max_array, snap.path)
             if arrays:
                 slurm.test_only(arrays[0]["script"])   # before any MLflow run exists
         else:
-            arrays = slurm.prepare(todo, cfg.cluster, root, name, 1001)
+            arrays = slurm.prepare(todo, cfg.cluster, root, name, 1001, snap.path)
         if uri.startswith("sqlite"):
             print("note: SLURM tasks will write to a SQLite file. That is fine on one machine; on a cluster's shared "
                   "filesystem many writers corrupt it: use a tracking server (tracking.uri=http://HOST:5000).")
@@ -228,6 +229,8 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
                                                       [tracking.redact_text(o, raw_uri) for o in pl.point.overrides],
                                                       pl.signature, pl.cfg)
         if backend == "slurm":
+            snapshot.write(snap)
+            snapshot.record(c, parent, snap)
             return _submit_slurm(c, parent, todo, arrays, cfg, uri, root, name, handed_over)
         from cluster.local import run_all
         failed = run_all(todo, uri, root)

@@ -4,9 +4,17 @@ Each array task runs `python -m cluster.task MANIFEST` on its node: the manifest
 the array (resolved config, MLflow run id, tracking URI, work folder), the task picks its own by
 SLURM_ARRAY_TASK_ID. Nothing has to stay alive on the login node: results arrive in MLflow.
 
-Why not hydra-submitit-launcher: it blocks until every job ends and never requeues on timeout by
-default (ENV.md); a launch here queues and returns. The sbatch script is plain text, printed by
-`dry_run=true`, so what reaches the scheduler is always visible.
+Why not hydra-submitit-launcher for sweeps: it blocks until every job ends and never requeues on
+timeout by default (ENV.md); a launch here queues and returns. The sbatch script is plain text, printed
+by `dry_run=true`, so what reaches the scheduler is always visible. The launcher does serve ad-hoc grids:
+`python sweeps/run.py -m hydra/launcher=submitit_slurm method.mask_ratio=0.6,0.75` makes one SLURM job
+per value, and each runs `launch()` with cluster=local inside its job, so tracking, skip and resume are a
+launch's (tests/test_slurm.py runs it on the local cluster); such jobs import the live tree, no snapshot.
+
+Why submitit is not a dependency of ours (hydra-submitit-launcher brings it): submission is the sbatch
+script above; rank and world size are three SLURM variables (core/job.py dist_env), what
+submitit.JobEnvironment reads too; the code snapshot is cluster/snapshot.py (why not RsyncSnapshot: there).
+The array tasks `cd` into the launch's snapshot, not the live working tree.
 
 Safe by construction: every value of the script went through cluster/checks.py (no control
 characters, plain tokens for `#SBATCH --partition/account/qos/constraint`, integers for resources) and
@@ -107,7 +115,8 @@ def job_name(sweep: str) -> str:
 
 
 def sbatch_script(cl, manifest: Path, n_tasks: int, job_name: str, log_dir: Path, phase: str,
-                  dependency: str | None = None) -> str:
+                  dependency: str | None = None, code: Path = REPO) -> str:
+    """`code`: the folder the task runs from (the launch's snapshot, cluster/snapshot.py)."""
     res = cl.eval if phase == "evaluate" else cl
     procs = max(int(res.gpus_per_task or 0), 1)
     pre = "cluster.eval" if phase == "evaluate" else "cluster"
@@ -143,8 +152,8 @@ def sbatch_script(cl, manifest: Path, n_tasks: int, job_name: str, log_dir: Path
     setup = list(cl.setup or [])  # shell lines by design: only checked to be single lines
     for i, line in enumerate(setup):
         _shell_arg(f"cluster.setup[{i}]", line)
-    lines += ["", "set -e", *setup, f"cd {_shell_arg('repository path', str(REPO))}",
-              f"export PYTHONPATH={_shell_arg('repository path', str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+    lines += ["", "set -e", *setup, f"cd {_shell_arg('output_root', str(code))}",
+              f"export PYTHONPATH={_shell_arg('output_root', str(code))}${{PYTHONPATH:+:$PYTHONPATH}}",
               "export MIMSWEEP_PROGRESS=0",
               # No cgroups on every site: keep PyTorch's threads within the CPUs the task was given.
               "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
@@ -203,7 +212,7 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- submission
-def prepare(todo: list, cl, root: Path, sweep: str, max_array: int) -> list[dict]:
+def prepare(todo: list, cl, root: Path, sweep: str, max_array: int, code: Path = REPO) -> list[dict]:
     """The array(s) for `todo`, at most MaxArraySize tasks each, nothing written or submitted:
     [{'phase', 'tasks', 'script', 'manifest', 'points', 'log_dir', 'job_id': None}]. Scripts do not depend on
     the points' run ids, so the launch can `test_only` them before any MLflow run exists."""
@@ -220,7 +229,7 @@ def prepare(todo: list, cl, root: Path, sweep: str, max_array: int) -> list[dict
         dependency = None
         for phase in phases:
             manifest = slurm_dir / f"array{ci // chunk}-{phase}.json"
-            script = sbatch_script(cl, manifest, len(part), job_name(sweep), log_dir, phase, dependency)
+            script = sbatch_script(cl, manifest, len(part), job_name(sweep), log_dir, phase, dependency, code)
             arrays.append({"phase": phase, "tasks": len(part), "script": script, "manifest": manifest,
                            "points": part, "log_dir": log_dir, "job_id": None})
             dependency = f"aftercorr:{DEPENDENCY_PLACEHOLDER}"

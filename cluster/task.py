@@ -19,6 +19,7 @@ import sys
 
 def main(manifest_path: str) -> int:
     from core import tracking
+    from core.config import REPO
     from core.job import run_point
     from core.train import Preempted
 
@@ -43,6 +44,7 @@ def main(manifest_path: str) -> int:
         log = tracking.MetricLog(c, point["run_id"])
         log.tag(f"slurm_job_{manifest['phase']}", job)
         log.tag("slurm_restarts", str(restarts))
+        log.tag("code", str(REPO))  # the launch's snapshot (cluster/snapshot.py) this task imports its code from
     print(f"[mimsweep] {point['label']} seed={point['seed']} sig={point['signature']} run={point['run_id']} "
           f"job={job} phase={manifest['phase']} restarts={restarts}", flush=True)
     try:

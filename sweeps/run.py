@@ -42,5 +42,7 @@ def main(cfg: DictConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.argv.insert(1, SEARCHPATH)
+    # Hydra's overrides must be one run of arguments (`-m`, `--cfg job` before or after them): ours joins it.
+    first = next((i for i, a in enumerate(sys.argv[1:], 1) if "=" in a and not a.startswith("-")), len(sys.argv))
+    sys.argv.insert(first, SEARCHPATH)
     main()

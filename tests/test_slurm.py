@@ -241,3 +241,36 @@ def test_separate_evaluation_runs_after_its_own_pretraining_and_never_waits_on_a
     states = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ev], capture_output=True,
                             text=True).stdout
     assert "CANCELLED" in states and "COMPLETED" in states, states
+
+
+def test_hydra_multirun_over_slurm_runs_each_point_through_the_launch_path(slurm_cluster, tmp_path):
+    """`-m hydra/launcher=submitit_slurm` (an ad-hoc grid): one SLURM job per value, each running its point
+    with cluster=local inside the job, so tracking and skip are those of a launch; a relaunch runs nothing."""
+    args = ["sweeps/run.py", "-m", "hydra/launcher=submitit_slurm", "method.mask_ratio=0.6,0.75", *TINY,
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20",
+            f"output_root={tmp_path}"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = _point_runs(uri, "mimsweep")
+    assert sorted(r.data.params["method.mask_ratio"] for r in runs) == ["0.6", "0.75"]
+    assert {r.info.status for r in runs} == {"FINISHED"} and all("knn_top1" in r.data.metrics for r in runs)
+    logs = sorted((tmp_path / "multirun").rglob(".submitit/*/*_log.out"))
+    assert len(logs) == 2
+    assert all(re.search(r"new +default", p.read_text()) for p in logs)   # the launch's plan, inside each job
+    jobs = {p.parent.name.split("_")[0] for p in logs}
+    assert len(jobs) == 1                                                # one array for the grid
+    job, deadline = jobs.pop(), time.time() + 60
+    while True:  # submitit returns once the results are written; SLURM may still be ending the tasks
+        states = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job], capture_output=True,
+                                text=True).stdout.split()
+        if time.time() > deadline or not any(s.endswith(("|RUNNING", "|COMPLETING")) for s in states):
+            break
+        time.sleep(1)
+    assert len(states) == 2 and all(s.endswith("|COMPLETED") for s in states), states
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(_point_runs(uri, "mimsweep")) == 2                        # skipped: no new run
+    logs2 = sorted((tmp_path / "multirun").rglob(".submitit/*/*_log.out"))
+    assert sum("nothing to do" in p.read_text() for p in logs2) == 2
