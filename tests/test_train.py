@@ -251,3 +251,5 @@ def test_compile_is_on_for_cuda_and_off_for_cpu_by_default(compose):
     assert not compile_enabled(compose(), cpu) and compile_enabled(compose(), cuda)
     assert compile_enabled(compose("pretrain.compile=true"), cpu)
     assert not compile_enabled(compose("pretrain.compile=false"), cuda)
+    paper = compose("preset=paper")                             # the papers' recipe: compiled bf16 on a GPU
+    assert paper.pretrain.precision == "bf16" and compile_enabled(paper, cuda)
