@@ -174,7 +174,7 @@ class Stopwatch:
 def time_steps(p: Point, steps: int, warmup: int) -> tuple[list[float], list[float]]:
     """-> (seconds of each step, seconds of its target phase) for `steps` steps after `warmup` steps.
 
-    Each step is timed alone (the training loop syncs every step anyway: the loss finiteness check),
+    Each step is timed alone (a device sync around each, which the training loop itself no longer does),
     so the caller can take a median that shrugs off a step slowed by another process."""
     for _ in range(warmup):
         train_step(p)
