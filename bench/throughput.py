@@ -33,6 +33,13 @@ Notes on the numbers:
     python bench/throughput.py --device cuda --precision bf16 --json out.json
     python bench/throughput.py --methods mcm --targets teacher \\
         --override teacher=clip_vit_b16 --override teacher.pretrained=random   # cost of a CLIP teacher
+    python bench/throughput.py --loader                           # the input pipeline, embedded default
+
+`--loader` times, for one point (default: the default sweep's MCM vit_micro on the embedded data, batch
+128), three things in interleaved rounds: the pre-training loader alone (core.data.pretrain_loader:
+sampling, augmentation, collation), the training step fed by that loader (core.train.train_step, as the
+loop runs it), and the same step on one synthetic batch. Step-through-loader / synthetic-step is the
+share of the device's rate the input pipeline keeps.
 """
 from __future__ import annotations
 
@@ -167,7 +174,7 @@ class Stopwatch:
 def time_steps(p: Point, steps: int, warmup: int) -> tuple[list[float], list[float]]:
     """-> (seconds of each step, seconds of its target phase) for `steps` steps after `warmup` steps.
 
-    Each step is timed alone (the training loop syncs every step anyway: the loss finiteness check),
+    Each step is timed alone (a device sync around each, which the training loop itself no longer does),
     so the caller can take a median that shrugs off a step slowed by another process."""
     for _ in range(warmup):
         train_step(p)
@@ -309,6 +316,70 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
 
 
+# ----------------------------------------------------------------------------------------------------
+# The input pipeline: loader alone, step through the loader, step on synthetic input
+# ----------------------------------------------------------------------------------------------------
+
+def loader_bench(args, device: torch.device) -> dict:
+    """img/s of the loader alone, of the step fed by the loader and of the step on synthetic input, in
+    `args.rounds` interleaved rounds of `args.steps` batches each (medians over rounds), so load from
+    other processes hits all three alike."""
+    from core.data import load_split, pretrain_loader
+    from omegaconf import OmegaConf
+
+    model_name = args.models[0] if args.models != DEFAULT_MODELS.split(",") else "vit_micro"
+    method = args.methods[0] if args.methods != DEFAULT_METHODS.split(",") else "mcm"
+    batch = args.batch or 128
+    cfg = compose_point(method, model_name, args.targets[0], batch, args.precision, args.override)
+    teacher = None
+    if methods.get(cfg.method.name).teacher_request(cfg) is not None:
+        teacher = build_teacher(cfg.teacher).to(device)
+    p = build_point(cfg, teacher, device, args.seed)
+    split = load_split(cfg.data, "train")
+    steps, rounds = args.steps or 10, args.rounds
+    total = rounds * steps * 3 + 8
+
+    def batches():  # one endless stream, as the training loop reads it
+        return iter(pretrain_loader(split, cfg.data, cfg.model.input_size, batch, cfg.seed, 0, total))
+
+    stream = batches()
+    for _ in range(2):  # warm-up: allocator, teacher, first batches
+        imgs, _ = next(stream)
+        p.imgs = imgs.to(device)
+        train_step(p)
+    synthetic = p.imgs.clone()
+    rates = {"loader alone": [], "step through loader": [], "step on synthetic input": []}
+    for _ in range(rounds):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            imgs, _ = next(stream)
+            imgs.to(device, non_blocking=True)
+        sync(device)
+        rates["loader alone"].append(steps * batch / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for _ in range(steps):
+            imgs, _ = next(stream)
+            p.imgs = imgs.to(device, non_blocking=True)
+            train_step(p)
+        sync(device)
+        rates["step through loader"].append(steps * batch / (time.perf_counter() - t))
+        p.imgs = synthetic
+        t = time.perf_counter()
+        for _ in range(steps):
+            train_step(p)
+        sync(device)
+        rates["step on synthetic input"].append(steps * batch / (time.perf_counter() - t))
+    out = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"{cfg.method.name} {model_name} {cfg.method.target}, data {cfg.data.name} ({len(split.dataset)} "
+          f"images), batch {batch}, {rounds} rounds x {steps} batches (medians):")
+    for k, v in out.items():
+        print(f"  {k:24s} {v:9.1f} img/s   (rounds: {', '.join(f'{r:.0f}' for r in rates[k])})")
+    ratio = out["step through loader"] / out["step on synthetic input"]
+    print(f"  step through loader / step on synthetic input = {ratio:.1%}")
+    return {"config": OmegaConf.to_container(cfg.data), "batch": batch, "rates": rates, "medians": out}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x for x in s.split(",") if x]
@@ -334,6 +405,9 @@ def parse_args(argv=None):
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Hydra override for every point (repeatable), e.g. teacher=clip_vit_b16")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random input images")
+    ap.add_argument("--loader", action="store_true",
+                    help="time the input pipeline instead (loader alone / step through loader / synthetic step)")
+    ap.add_argument("--rounds", type=int, default=5, help="--loader: interleaved rounds")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     return ap.parse_args(argv)
 
@@ -346,6 +420,17 @@ def main(argv=None) -> list[Result]:
         sys.exit("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads or os.cpu_count())
+    if args.loader:
+        from hydra import initialize_config_dir as init
+        print(f"torch {torch.__version__} | device {args.device}: {device_name(device)} | threads "
+              f"{torch.get_num_threads()} | load average {load_average()}", flush=True)
+        with init(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            res = loader_bench(args, device)
+        print(f"load average now {load_average()}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=2))
+        return res
     mm_dtype = AMP_DTYPES[args.precision] or torch.float32
     mm_name = f"torch.mm {args.matmul_size}x{args.matmul_size} {str(mm_dtype).split('.')[-1]}"
 

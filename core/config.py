@@ -20,7 +20,7 @@ SEARCHPATH = f"hydra.searchpath=[file://{REPO}]"
 
 RUN_ONLY = (
     "cluster", "tracking", "sweep", "output_root", "dry_run", "device", "report_dir",
-    "pretrain.checkpoint_every", "pretrain.log_every", "data.num_workers", "data.root", "evaluate.batch_size",
+    "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.compile", "data.num_workers", "data.root", "evaluate.batch_size",
 )
 
 
@@ -133,6 +133,9 @@ def validate(cfg) -> None:
     check(p.warmup_epochs <= p.epochs, "pretrain.warmup_epochs", p.warmup_epochs,
           f"must not exceed pretrain.epochs={p.epochs}")
     check_in(cfg, "pretrain.precision", ("fp32", "bf16", "fp16"))
+    c = p.get("compile", "auto")
+    check(c == "auto" or isinstance(c, bool), "pretrain.compile", c, "must be auto, true or false",
+          "auto = torch.compile on CUDA, eager on CPU.")
     check_number(cfg, "pretrain.grad_clip", 0, lo_open=True, optional=True)
     check_number(cfg, "pretrain.max_steps", 1, integer=True, optional=True)
     check_number(cfg, "pretrain.checkpoint_every", 1, integer=True)

@@ -10,10 +10,20 @@ Every pre-training sample is augmented (RandomResizedCrop + horizontal flip, as 
 seed derived from (run seed, epoch, sample index). A sample's augmentation therefore does not depend on
 worker count, prefetching or on where a resumed job restarts: the batch order of step s is a pure function
 of the seed and s, which is what lets a requeued job end bit-for-bit where an uninterrupted one would.
+
+Two paths, same rules:
+- in-memory tensor datasets (embedded, fashion_mnist): `BatchAugmented` crops and flips a whole batch at
+  once. Each sample's crop box follows torchvision's RandomResizedCrop (area fraction in `crop_scale`,
+  log-uniform aspect ratio in (3/4, 4/3), 10 tries, then the centre-crop fallback) with uniforms from a
+  counter-based hash of the sample seed (`uniforms`), and every crop is resampled by two per-sample
+  matrices (rows, columns) holding torch's antialiased bilinear weights, with the flip folded into the
+  column matrix: one batched matmul for the batch, equal to torchvision's resized_crop of the same box;
+- ImageFolder (PIL images): `Augmented`, torchvision v2 per sample in DataLoader workers.
 """
 from __future__ import annotations
 
 import gzip
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +126,111 @@ class Augmented(Dataset):
             return self.transform(_to_tensor(img)), label
 
 
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's default, MAE's)
+TRIES = 10
+
+
+def uniforms(seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """[N] int64 sample seeds -> [N, count] float64 uniforms in [0, 1), a pure function of each seed
+    (splitmix64 of seed + counter): no generator state, so a sample's draws do not depend on its batch."""
+    with np.errstate(over="ignore"):
+        z = seeds.numpy().astype(np.uint64)[:, None] + np.uint64(0x9E3779B97F4A7C15) * np.arange(
+            1, count + 1, dtype=np.uint64)[None, :]
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+
+def crop_params(seeds: torch.Tensor, height: int, width: int, scale=(0.2, 1.0), hflip: bool = True):
+    """torchvision RandomResizedCrop.get_params for every seed at once -> (top, left, h, w, flip), each [N].
+
+    Try t (of 10) draws an area fraction uniform in `scale` and a log-uniform aspect ratio in RATIO, keeps
+    the first box that fits, placed uniformly; if none fits, the centre crop clipped to RATIO."""
+    u = uniforms(seeds, 4 * TRIES + 1)
+    n, area = len(seeds), height * width
+    frac = scale[0] + (scale[1] - scale[0]) * u[:, 0:TRIES]
+    lo, hi = math.log(RATIO[0]), math.log(RATIO[1])
+    aspect = torch.exp(lo + (hi - lo) * u[:, TRIES:2 * TRIES])
+    w = torch.round(torch.sqrt(area * frac * aspect)).long()       # round half to even, as Python's round
+    h = torch.round(torch.sqrt(area * frac / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(fits.any(1), fits.float().argmax(1), -1)  # the first try that fits, or -1
+    rows, t = torch.arange(n), first.clamp(min=0)
+    h, w = h[rows, t], w[rows, t]
+    top = (u[rows, 2 * TRIES + t] * (height - h + 1)).floor().long()  # randint(0, height - h + 1)
+    left = (u[rows, 3 * TRIES + t] * (width - w + 1)).floor().long()
+    # fallback: the whole image, clipped to the ratio range, centred
+    in_ratio = width / height
+    fw, fh = width, height
+    if in_ratio < RATIO[0]:
+        fh = int(round(fw / RATIO[0]))
+    elif in_ratio > RATIO[1]:
+        fw = int(round(fh * RATIO[1]))
+    none = first < 0
+    h, w = torch.where(none, fh, h), torch.where(none, fw, w)
+    top, left = torch.where(none, (height - fh) // 2, top), torch.where(none, (width - fw) // 2, left)
+    flip = (u[:, 4 * TRIES] < 0.5) if hflip else torch.zeros(n, dtype=torch.bool)
+    return top, left, h, w, flip
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, size_in: int, size_out: int) -> torch.Tensor:
+    """[N, size_out, size_in] weights of torch's antialiased bilinear resize (interpolate(...,
+    antialias=True), what torchvision's resize uses) of the span [start, start + length) of an axis to
+    size_out samples: a triangle filter widened by the scale when shrinking, renormalised inside the span."""
+    scale = (length.double() / size_out)[:, None, None]                       # [N, 1, 1]
+    support = scale.clamp(min=1.0)                                             # half-width, in input pixels
+    center = start[:, None, None] + scale * (torch.arange(size_out, dtype=torch.float64)[None, :, None] + 0.5)
+    k = torch.arange(size_in, dtype=torch.float64)[None, None, :]
+    wts = (1 - ((k + 0.5 - center) / support).abs()).clamp(min=0)
+    inside = (k >= start[:, None, None]) & (k < (start + length)[:, None, None])
+    wts = wts * inside
+    return (wts / wts.sum(-1, keepdim=True)).float()
+
+
+def resized_crops(images: torch.Tensor, top, left, h, w, flip, size: int) -> torch.Tensor:
+    """images [N, C, H, W] (uint8 or float) -> [N, C, size, size] float: each image's box resampled to
+    size x size (bilinear, antialiased), mirrored where flip. One batched matmul per axis."""
+    rows = resample_weights(top, h, images.shape[-2], size)                  # [N, size, H]
+    cols = resample_weights(left, w, images.shape[-1], size)                 # [N, size, W]
+    cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    x = images.float()
+    return torch.einsum("noh,nchw,npw->ncop", rows, x, cols)
+
+
+class BatchAugmented(Dataset):
+    """Pre-training view of an in-memory uint8 image tensor: item = one batch [(index, sample_seed), ...]
+    -> (float images [B, C, size, size] in [0, 1], labels [B]); use with DataLoader(batch_size=None)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, input_size: int, crop_scale=(0.2, 1.0),
+                 hflip: bool = True):
+        self.images, self.labels = images, labels
+        self.size, self.scale, self.hflip = input_size, tuple(crop_scale), hflip
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, batch):
+        ids = torch.tensor([i for i, _ in batch])
+        seeds = torch.tensor([s % 2 ** 63 for _, s in batch], dtype=torch.int64)
+        imgs = self.images[ids]
+        box = crop_params(seeds, imgs.shape[-2], imgs.shape[-1], self.scale, self.hflip)
+        out = resized_crops(imgs, *box, self.size)
+        if imgs.dtype == torch.uint8:
+            out = out.div_(255.0)
+        return out.clamp_(0.0, 1.0), self.labels[ids]
+
+
+def in_memory(ds: Dataset):
+    """(images [N, C, H, W], labels [N]) of a TensorImages (or a Subset of one), else None."""
+    if isinstance(ds, torch.utils.data.Subset) and isinstance(ds.dataset, TensorImages):
+        ids = torch.as_tensor(ds.indices)
+        return ds.dataset.images[ids], ds.dataset.labels[ids]
+    if isinstance(ds, TensorImages):
+        return ds.images, ds.labels
+    return None
+
+
 class Plain(Dataset):
     """Evaluation view: resize (shorter side, then centre crop) to the input size, float in [0, 1]."""
 
@@ -165,12 +280,21 @@ class ResumableBatchSampler(Sampler):
 
 def pretrain_loader(split: Split, cfg_data, input_size: int, batch_size: int, seed: int, start_step: int,
                     total_steps: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-    view = Augmented(split.dataset, input_size, cfg_data.crop_scale, cfg_data.hflip)
-    sampler = ResumableBatchSampler(len(view), batch_size, seed, start_step, total_steps, rank, world_size)
+    """Batches (float images in [0, 1], labels) for global steps [start_step, total_steps)."""
+    sampler = ResumableBatchSampler(len(split.dataset), batch_size, seed, start_step, total_steps, rank, world_size)
+    workers, pin = cfg_data.num_workers, torch.cuda.is_available()
     # A private generator: creating the iterator must not draw from the global RNG, whose state the
     # checkpoint restores (else a resumed job's masks would shift by one draw).
-    return DataLoader(view, batch_sampler=sampler, num_workers=cfg_data.num_workers, generator=torch.Generator(),
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+    tensors = in_memory(split.dataset)
+    if tensors is not None:  # one vectorised crop + flip per batch; the sampler yields whole batches
+        view = BatchAugmented(*tensors, input_size, cfg_data.crop_scale, cfg_data.hflip)
+        return DataLoader(view, sampler=sampler, batch_size=None, num_workers=workers, pin_memory=pin,
+                          generator=torch.Generator())
+    view = Augmented(split.dataset, input_size, cfg_data.crop_scale, cfg_data.hflip)
+    # The loader is iterated once for the whole run; prefetch keeps several batches decoded ahead.
+    return DataLoader(view, batch_sampler=sampler, num_workers=workers, generator=torch.Generator(),
+                      pin_memory=pin, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
 
 
 def eval_loader(split: Split, cfg_data, input_size: int, batch_size: int) -> DataLoader:

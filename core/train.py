@@ -50,10 +50,21 @@ def build_model(cfg, teacher=None) -> methods.Method:
 
 def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     """AdamW through timm: no weight decay on 1-D parameters, biases and the method's
-    `no_weight_decay()` names; the lr is set every step by `set_lr` (honours timm's `lr_scale`)."""
+    `no_weight_decay()` names; the lr is set every step by `set_lr` (honours timm's `lr_scale`).
+    On CUDA the fused kernel (one launch for every parameter), elsewhere the multi-tensor (foreach) one:
+    the same update as the per-parameter loop, fewer kernel launches / Python iterations."""
     from timm.optim import create_optimizer_v2
+    on_cuda = next(model.parameters()).is_cuda
+    speed = {"fused": True} if on_cuda else {"foreach": True}
     return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.pretrain.weight_decay,
-                               betas=tuple(cfg.pretrain.betas))
+                               betas=tuple(cfg.pretrain.betas), **speed)
+
+
+def compile_enabled(cfg, device: torch.device) -> bool:
+    """`pretrain.compile`: true / false, or auto = on CUDA only (on a CPU the compile time is not won
+    back within a laptop-sized run)."""
+    c = cfg.pretrain.get("compile", "auto")
+    return device.type == "cuda" if c == "auto" else bool(c)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
@@ -158,33 +169,35 @@ def load_checkpoint(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 
 
-def all_finite(loss: torch.Tensor, world_size: int = 1) -> bool:
-    """True if the loss is finite on every rank: under DDP all ranks must skip (and stop) together, or
-    the healthy ones wait forever in the gradient all-reduce."""
-    ok = torch.isfinite(loss.detach()).all()
+def all_finite(bad_step: torch.Tensor, world_size: int = 1) -> int:
+    """Read back the device-side record of non-finite losses (`bad_step`: the first step since the last
+    check whose loss was NaN/inf, 0 if none) and agree across ranks: -> that step on some rank, 0 if every
+    rank was finite. The one host-device synchronisation of the loop, at log and checkpoint steps; under
+    DDP all ranks reach it at the same step and stop together."""
+    flag = bad_step.detach().reshape(1).to(torch.int64)
     if world_size > 1:
-        flag = ok.to(torch.int32).reshape(1)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        ok = flag[0] > 0
-    return bool(ok)
+        flag = flag.clone()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag[0])
 
 
 def train_step(model, net: nn.Module, opt, scaler, imgs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                teacher=None, amp_dtype=None, grad_clip: float | None = None, world_size: int = 1,
-               target_ctx=nullcontext(), student_ctx=nullcontext()) -> tuple[torch.Tensor, bool]:
-    """One optimiser step on imgs: [B, C, H, W] in [0, 1]; returns (the loss, detached; whether it was
-    finite on every rank). `model` is the Method, `net` what runs it (the DDP wrapper or the model).
+               target_ctx=nullcontext(), student_ctx=nullcontext()) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on imgs: [B, C, H, W] in [0, 1]; returns (the loss, detached; a device-side bool,
+    whether it was finite on this rank). `model` is the Method, `net` what runs it (the DDP wrapper, the
+    compiled model or the model). Nothing is read back to the host: the caller checks the flags only at
+    log and checkpoint steps (`all_finite`), so an update from a non-finite loss may be applied in memory,
+    but the run stops before any checkpoint holds it.
 
     The contexts wrap target computation and the student's forward/backward apart (bench/ counts FLOPs
-    of each). A non-finite loss skips the update on every rank; the caller stops the run."""
+    of each)."""
     x = (imgs - mean) / std
     with target_ctx:
         targets = model.make_targets(imgs, x, teacher)
     with student_ctx:
         with torch.autocast(imgs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, _ = net(x, targets)
-        if not all_finite(loss, world_size):
-            return loss.detach(), False
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
     if grad_clip:
@@ -192,7 +205,8 @@ def train_step(model, net: nn.Module, opt, scaler, imgs: torch.Tensor, mean: tor
         nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     scaler.step(opt)
     scaler.update()
-    return loss.detach(), True
+    loss = loss.detach()
+    return loss, torch.isfinite(loss).all()
 
 
 def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, device: torch.device,
@@ -222,6 +236,8 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
         log.replay(ckpt.get("metrics", []))  # lost if the last job died between this checkpoint and its flush
     resumed_from = step
     net = ddp_model or model
+    if compile_enabled(cfg, device):  # the training forward (+ its backward); `model` keeps the weights
+        net = torch.compile(net)
 
     def checkpoint():
         states = all_rng_states(world_size)
@@ -239,6 +255,16 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
     model.train()
     bar = _progress(total, step, rank)
     t_start, t_window, n_window, n_total = time.perf_counter(), time.perf_counter(), 0, 0
+    bad_step = torch.zeros((), dtype=torch.int64, device=device)  # first non-finite step since the last check
+
+    def check_finite(loss):
+        """At log / checkpoint / stop steps only: stop before a checkpoint could hold a bad update."""
+        bad = all_finite(bad_step, world_size)
+        if bad:
+            raise NonFiniteLoss(f"loss is {loss.item()} on this rank at step {step}; first not finite at step "
+                                f"{bad} on some rank")
+        bad_step.zero_()
+
     for imgs, _ in loader:
         imgs = imgs.to(device, non_blocking=True)
         lr_now = lr_at(step, total, warmup, lr, p.min_lr)
@@ -246,11 +272,12 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
         model.seed(mask_seed(cfg.seed, rank, step))
         loss, finite = train_step(model, net, opt, scaler, imgs, mean, std, teacher, amp_dtype, p.grad_clip,
                                   world_size)
-        if not finite:
-            raise NonFiniteLoss(f"loss is {loss.item()} on this rank at step {step + 1} (not finite on some rank)")
         step += 1
+        bad_step.copy_(torch.where((bad_step == 0) & ~finite, step, bad_step))
         n_window += imgs.shape[0] * world_size
         n_total += imgs.shape[0] * world_size
+        if step % p.log_every == 0 or step % p.checkpoint_every == 0 or step == total:
+            check_finite(loss)
         if step % p.log_every == 0 or step == total:
             now = time.perf_counter()
             log("train_loss", loss.item(), step)
@@ -263,6 +290,7 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
         if step % p.checkpoint_every == 0 or step == total:
             checkpoint()
         if _agree(should_stop(), world_size, device) and step < total:
+            check_finite(loss)
             checkpoint()
             bar.close()
             raise Preempted(f"stopped at step {step}/{total} after a checkpoint")

@@ -21,6 +21,8 @@ from tests.conftest import REPO, run_cli
     ("model.input_size=30", "model.input_size"),
     ("pretrain.batch_size=0", "pretrain.batch_size"),
     ("pretrain.precision=fp8", "pretrain.precision"),
+    ("pretrain.compile=maybe", "pretrain.compile"),
+    ("pretrain.compile=1", "pretrain.compile"),
     ("pretrain.warmup_epochs=100", "pretrain.warmup_epochs"),
     ("teacher.feature_stage=9", "teacher.feature_stage"),
     ("teacher.pretrained=/no/such/file.pt", "teacher.pretrained"),
@@ -72,7 +74,7 @@ def test_signature_ignores_where_and_how_but_not_what(compose):
     base = signature(compose())
     assert signature(compose()) == base
     for run_only in ("tracking.uri=http://elsewhere:5000", "output_root=/scratch/x", "pretrain.checkpoint_every=7",
-                     "device=cpu", "data.num_workers=4", "dry_run=true"):
+                     "device=cpu", "data.num_workers=4", "dry_run=true", "pretrain.compile=true"):
         assert signature(compose(run_only)) == base, run_only
     for science in ("method.mask_ratio=0.6", "seed=1", "model.depth=6", "pretrain.epochs=5", "teacher.input_size=64"):
         assert signature(compose(science)) != base, science

@@ -85,3 +85,76 @@ def test_bf16_autocast_step_trains(compose, tmp_path):
     stats = pretrain(cfg, model, None, load_split(cfg.data, "train"), tmp_path / "c.pt", FlushedLog(),
                      torch.device("cpu"))
     assert stats["steps"] == 2 and not torch.equal(before, model.encoder.patch_embed.proj.weight)
+
+
+# ---- batch-level augmentation of in-memory datasets (core.data.BatchAugmented) ---------------------
+
+def _torchvision_boxes(n, height, width, scale=(0.2, 1.0)):
+    from torchvision.transforms import RandomResizedCrop
+    torch.manual_seed(0)
+    img = torch.zeros(1, height, width)
+    return torch.tensor([RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3]) for _ in range(n)])
+
+
+def test_crop_boxes_follow_torchvisions_random_resized_crop_rules():
+    from scipy.stats import ks_2samp
+    from core.data import crop_params
+    n, H, W = 20_000, 28, 28
+    top, left, h, w, _ = crop_params(torch.arange(n) * 1_000_003 + 7, H, W, scale=(0.2, 1.0))
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    ours = torch.stack([top, left, h, w], 1).double()
+    ref = _torchvision_boxes(n, H, W).double()
+    area_ours, area_ref = ours[:, 2] * ours[:, 3] / (H * W), ref[:, 2] * ref[:, 3] / (H * W)
+    # rounding to whole pixels moves a box's area and ratio by at most a pixel per side
+    assert area_ours.min() >= 0.2 * (1 - 2 / 6) and (ours[:, 3] / ours[:, 2]).max() <= 4 / 3 * 1.5
+    # the same distribution as torchvision's sampler: area, aspect, position, size
+    for name, a, b in [("area", area_ours, area_ref), ("log aspect", (ours[:, 3] / ours[:, 2]).log(),
+                       (ref[:, 3] / ref[:, 2]).log()), ("top", ours[:, 0], ref[:, 0]), ("left", ours[:, 1], ref[:, 1]),
+                       ("centre x", ours[:, 1] + ours[:, 3] / 2, ref[:, 1] + ref[:, 3] / 2)]:
+        assert ks_2samp(a.numpy(), b.numpy()).pvalue > 1e-3, name
+    # no box fits in 10 tries (a 4 x 100 strip): torchvision's fallback, the centre crop clipped to 4/3
+    top, left, h, w, _ = crop_params(torch.arange(50), 4, 100)
+    assert {tuple(b) for b in torch.stack([top, left, h, w], 1).tolist()} == {tuple(_torchvision_boxes(1, 4, 100)[0].tolist())}
+
+
+@pytest.mark.parametrize("size", [28, 16, 64])  # same size, downscaling (antialiased), upscaling
+def test_a_batch_crop_equals_torchvisions_crop_of_the_same_box(size):
+    from torchvision.transforms.v2 import functional as F
+    from core.data import crop_params, resized_crops
+    imgs = load_split(_data(), "train").dataset.images[:64]
+    top, left, h, w, flip = crop_params(torch.arange(64) + 99, 28, 28)
+    ours = resized_crops(imgs, top, left, h, w, flip, size) / 255
+    for i in range(64):
+        box = (int(top[i]), int(left[i]), int(h[i]), int(w[i]))
+        ref = F.resized_crop(imgs[i].float() / 255, *box, [size, size], antialias=True)
+        ref = ref.flip(-1) if flip[i] else ref
+        assert torch.allclose(ours[i], ref, atol=1e-5), (i, box)
+        ref8 = F.resized_crop(imgs[i], *box, [size, size], antialias=True).float() / 255  # torchvision rounds to uint8
+        assert (ours[i] - (ref8.flip(-1) if flip[i] else ref8)).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_half_the_samples_are_flipped_and_a_sample_view_ignores_its_batch():
+    from core.data import BatchAugmented, crop_params
+    n = 20_000
+    flips = crop_params(torch.arange(n) * 31 + 5, 28, 28)[4].double().mean().item()
+    assert abs(flips - 0.5) < 4 * (0.25 / n) ** 0.5
+    assert not crop_params(torch.arange(100), 28, 28, hflip=False)[4].any()
+    ds = load_split(_data(), "train").dataset
+    view = BatchAugmented(ds.images, ds.labels, 28)
+    batch = [(3, 1001), (7, 2002), (3, 3003)]
+    imgs, labels = view[batch]
+    assert imgs.shape == (3, 1, 28, 28) and imgs.dtype == torch.float32 and 0 <= imgs.min() and imgs.max() <= 1
+    assert labels.tolist() == [ds.labels[3], ds.labels[7], ds.labels[3]]
+    assert torch.equal(view[[(7, 2002)]][0][0], imgs[1])        # same (index, seed), same view, any batch
+    assert not torch.equal(imgs[0], imgs[2])                    # another seed, another view
+
+
+def test_the_pretrain_loader_crops_in_memory_data_per_batch():
+    from core.data import pretrain_loader
+    cfg = _data(train_limit=512, crop_scale=[0.2, 1.0], hflip=True, num_workers=0)
+    split = load_split(cfg, "train")
+    loader = pretrain_loader(split, cfg, 28, 64, seed=0, start_step=0, total_steps=3)
+    batches = list(loader)
+    assert len(batches) == 3 and batches[0][0].shape == (64, 1, 28, 28)
+    again = list(pretrain_loader(split, cfg, 28, 64, seed=0, start_step=2, total_steps=3))
+    assert torch.equal(again[0][0], batches[2][0])             # step 2 is the same batch after a restart

@@ -190,3 +190,66 @@ def test_the_encoder_exports_to_a_timm_vit_that_gives_the_same_features(tmp_path
         assert torch.allclose(net(x), enc.features(x, pool="cls"), atol=1e-5)
         assert torch.allclose(tokens[:, 1:].mean(1), enc.features(x, pool="mean"), atol=1e-5)
     assert math.isclose(float((tokens - tokens).abs().sum()), 0.0)
+
+
+# ---- speed: no host-device sync per step, foreach AdamW, torch.compile switch ----------------------
+
+def test_a_bad_loss_between_checks_stops_the_run_before_a_checkpoint_holds_it(compose, tmp_path, monkeypatch):
+    """The finite check reads back only at log / checkpoint steps; a NaN at step 3 (not one of them) is
+    still caught at step 4, before step 4's checkpoint: the file on disk stays the finite step-2 one."""
+    import core.train
+    from core.data import load_split
+    from core.mcm import MCM
+    from core.train import NonFiniteLoss, pretrain
+    from tests.test_resume import FlushedLog
+    cfg = compose(*TINY, "method=mcm", "method.target=norm_pixel", "pretrain.max_steps=6",
+                  "pretrain.checkpoint_every=2", "pretrain.log_every=4")
+    forward, calls, checks = MCM.forward, {"n": 0}, []
+    check = core.train.all_finite
+
+    def nan_at_step_3(self, x, targets):  # a fault no real input produces at a chosen step
+        loss, out = forward(self, x, targets)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), out
+
+    def counted(*a, **kw):
+        checks.append(calls["n"])
+        return check(*a, **kw)
+    monkeypatch.setattr(MCM, "forward", nan_at_step_3)
+    monkeypatch.setattr(core.train, "all_finite", counted)
+    with pytest.raises(NonFiniteLoss, match="first not finite at step 3"):
+        pretrain(cfg, build_model(cfg), None, load_split(cfg.data, "train"), tmp_path / "c.pt", FlushedLog(),
+                 torch.device("cpu"))
+    assert checks == [2, 4]                                     # read back at steps 2 and 4 only, not per step
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_adamw_is_multi_tensor_on_cpu_and_updates_as_the_loop_does(compose):
+    cfg = compose(*TINY, "method=mcm", "method.target=norm_pixel")
+    model = build_model(cfg)
+    opt = build_optimizer(model, cfg, lr=1e-3)
+    assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
+    ref = build_model(cfg)
+    loop = build_optimizer(ref, cfg, lr=1e-3)
+    for g in loop.param_groups:
+        g["foreach"] = False
+    x = torch.rand(4, 1, 28, 28)
+    for m, o in ((model, opt), (ref, loop)):
+        for _ in range(2):
+            m.seed(0)
+            o.zero_grad()
+            m(x, m.make_targets(x, x, None))[0].backward()
+            o.step()
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_compile_is_on_for_cuda_and_off_for_cpu_by_default(compose):
+    from core.train import compile_enabled
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not compile_enabled(compose(), cpu) and compile_enabled(compose(), cuda)
+    assert compile_enabled(compose("pretrain.compile=true"), cpu)
+    assert not compile_enabled(compose("pretrain.compile=false"), cuda)
+    paper = compose("preset=paper")                             # the papers' recipe: compiled bf16 on a GPU
+    assert paper.pretrain.precision == "bf16" and compile_enabled(paper, cuda)
