@@ -108,13 +108,77 @@ def compose_point(base: list[str], point: Point, cache: dict | None = None) -> D
 def sweep_points(cfg: DictConfig) -> tuple[str, list[Point]]:
     if cfg.get("sweep") is None:  # a single run of the composed config
         return "single", [Point("default", cfg.seed, [f"seed={cfg.seed}"])]
+    seeds = cfg.sweep.get("seeds")
+    if seeds is not None:
+        seeds = list(seeds) if OmegaConf.is_list(seeds) else seeds
+        ok = isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                       for s in seeds)
+        if not ok:
+            raise ConfigError("sweep.seeds", seeds, "must be a non-empty list of integers >= 0",
+                              "For example sweep.seeds=[0] or sweep.seeds=[0,1,2].")
     return cfg.sweep.name, expand(cfg.sweep)
+
+
+SPEC_KEYS = ("name", "title", "fixed", "grid", "points", "seeds", "report")  # what a sweep file may hold
+
+
+def check_swept(cfg: DictConfig, name: str, points: list[Point], base: list[str]) -> None:
+    """A user override of a key the sweep itself sets would be silently replaced by the sweep's value:
+    refused, with how to change the sweep instead."""
+    if cfg.get("sweep") is None:
+        return
+    fixed = {override_key(o) for o in cfg.sweep.get("fixed") or []}
+    grid = set(cfg.sweep.get("grid") or {})
+    set_by_points = {override_key(o) for p in points for o in p.overrides}
+    for o in base:
+        key, value = override_key(o), o.partition("=")[2]
+        if key not in set_by_points:
+            continue
+        if key == "seed":
+            raise ConfigError(key, value, f"the sweep {name} sets it for each point", "Give the seeds as "
+                              f"sweep.seeds=[{value}] (or a list, e.g. sweep.seeds=[0,1,2]).")
+        if key in grid:
+            raise ConfigError(key, value, f"the sweep {name} sweeps this key (grid values {list(cfg.sweep.grid[key])}) "
+                              "and its grid would replace this override", f"To change the grid: "
+                              f"'sweep.grid={{{key}:[{value}]}}' (a list of values), or a new file in sweeps/conf/sweep/.")
+        if key in fixed:
+            raise ConfigError(key, value, f"the sweep {name} fixes this key (fixed: {list(cfg.sweep.fixed)}) "
+                              "and would replace this override", "Change the sweep's fixed overrides "
+                              "(sweep.fixed=[...]) or write a new file in sweeps/conf/sweep/.")
+        raise ConfigError(key, value, f"the points of sweep {name} set this key and would replace this override",
+                          "Change the points (sweep.points=[...]) or write a new file in sweeps/conf/sweep/.")
+
+
+def check_added_keys(task_overrides: list[str], base: list[str], point: Point, cache: dict) -> None:
+    """`+key=value` adds a key no config file has, so nothing reads it (Hydra itself suggests `+` after a
+    typo): refused with a did-you-mean, unless the point's config has the key anyway or it is a part of a
+    sweep spec (`+sweep.points=[...]`)."""
+    from core.config import flatten, unknown_key
+    groups = _config_groups()
+    for o in task_overrides:
+        if not o.startswith("+") or o.startswith("++"):
+            continue
+        key, value = override_key(o), o.partition("=")[2]
+        parts = key.split(".")
+        if key in groups or parts[0] == "hydra":
+            continue
+        if parts[0] == "sweep":
+            if len(parts) == 2 and parts[1] in SPEC_KEYS:
+                continue
+            raise ConfigError(key, value, "is not a key of a sweep spec (those are " + ", ".join(SPEC_KEYS) + ")")
+        ref = compose_point([x for x in base if x != o], point, cache)
+        known = list(flatten(ref))
+        if key in known:
+            continue
+        raise unknown_key(key, value, known)
 
 
 def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]]:
     name, points = sweep_points(cfg)
     base = user_overrides(task_overrides)
+    check_swept(cfg, name, points, base)
     planned, cache = [], {}
+    check_added_keys(task_overrides, base, points[0], cache)
     for p in points:
         try:
             pc = compose_point(base, p, cache)

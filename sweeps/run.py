@@ -3,6 +3,7 @@
 Expands the sweep's grid, validates every point, skips points already finished in MLflow, and runs
 the rest locally or on a cluster. `--help` lists the sweeps and every config group.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -43,4 +44,13 @@ def main(cfg: DictConfig) -> int:
 
 if __name__ == "__main__":
     sys.argv.insert(1, SEARCHPATH)
-    main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its own errors (a typo, a bad group option) ...
+    try:
+        main()
+    except Exception as e:  # ... and they are printed in our style: one line, exit 2, no traceback
+        from core.config import hydra_error
+        msg = hydra_error(e, sys.argv[2:])
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
