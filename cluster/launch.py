@@ -247,11 +247,16 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         raise ConfigError("cluster.backend", backend, "must be one of " + ", ".join(checks.BACKENDS))
     root = Path(cfg.output_root).resolve() / "runs" / exp_name
 
+    checks.output_folder(cfg.output_root)                            # read only, as everything up to step 5
+    checks.tracking_uri(uri, shown)
     c = check_tracking(uri, create=False, shown=raw_uri)            # read only: a dry run must create nothing
     exp_id = tracking.find_experiment(c, exp_name)
     decide(planned, tracking.runs_by_signature(c, exp_id, name) if exp_id else {})
     arrays = []
     todo = [pl for pl in planned if pl.action in ("new", "resume")]
+    # every point to run holds one checkpoint, one more is being written at a time, + 64 MiB (store, logs)
+    sizes = [checks.checkpoint_bytes(pl.cfg) for pl in todo]
+    checks.output_folder(cfg.output_root, sum(sizes) + max(sizes, default=0) + 64 * 2 ** 20 if todo else None)
     if backend == "slurm":
         from cluster import slurm
         if not cfg.dry_run or shutil.which("sbatch"):

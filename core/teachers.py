@@ -384,25 +384,6 @@ def _weight_sources(kind: str, model: str, tag: str) -> tuple[list[tuple[str, st
     return ([(repo, n) for n in names] if repo else []), url, local, file
 
 
-def _reachable(url: str, timeout: float) -> str | None:
-    """None if a TCP connection to the URL's host opens within `timeout` s (DNS included), else why not."""
-    import socket
-    from concurrent.futures import ThreadPoolExecutor, TimeoutError
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    host, port = parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)
-    pool = ThreadPoolExecutor(1)
-    try:
-        pool.submit(lambda: socket.create_connection((host, port), timeout=timeout).close()).result(timeout)
-        return None
-    except TimeoutError:
-        return f"{host} did not answer within {timeout:g} s"
-    except OSError as e:
-        return f"{host} cannot be reached ({e})"
-    finally:
-        pool.shutdown(wait=False)
-
-
 def pretrained_unavailable(kind: str, model: str, tag: str, timeout: float = 3.0) -> str | None:
     """None when a pretrained tag's weights can be loaded: found in the local Hugging Face / open_clip /
     torch hub cache, or the place they download from answers within `timeout` s. Else the reason, for
@@ -420,5 +401,6 @@ def pretrained_unavailable(kind: str, model: str, tag: str, timeout: float = 3.0
              else f"{url} (not in the local cache {local[0]})")
     if constants.HF_HUB_OFFLINE:
         return f"its weights come from {where}, and HF_HUB_OFFLINE is set"
-    problem = _reachable(constants.ENDPOINT if hub_files else url, timeout)
+    from core.tracking import reachable
+    problem = reachable(constants.ENDPOINT if hub_files else url, timeout)
     return None if problem is None else f"its weights come from {where}, and {problem}"

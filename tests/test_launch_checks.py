@@ -121,3 +121,92 @@ def test_pretrained_tag_passes_when_the_hub_answers_and_fails_fast_when_not(monk
     took = time.perf_counter() - t0
     print(f"closed hub port: refused in {took:.2f} s")
     assert problem is not None and "cannot be reached" in problem and took < 3.5
+
+
+# ------------------------------------------------------------------------------------------- tracking.uri
+def _launch_in_process(compose, overrides):
+    from cluster.launch import launch
+    return launch(compose(*overrides), overrides)
+
+
+@pytest.mark.parametrize("uri", ["ftp://x", "s3://bucket/runs", "mlruns"])
+def test_tracking_uri_scheme_is_checked(tmp_path, uri):
+    res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", f"tracking.uri={uri}", f"output_root={tmp_path / 'o'}")
+    _refused(res, "tracking.uri", "must be an MLflow tracking URI")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_key(compose, tmp_path):
+    import socket
+    import time
+
+    from core.config import ConfigError
+    with socket.socket() as s:               # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["sweep=mcm_recon_range", *TINY, f"output_root={tmp_path / 'o'}"]
+    from cluster.launch import plan
+    plan(compose(*args), args)               # imports (torch, timm) done: time the launch, not Python's start
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        _launch_in_process(compose, [*args, f"tracking.uri=http://u:pw@127.0.0.1:{port}"])
+    took = time.perf_counter() - t0
+    print(f"unreachable tracking server: refused after {took:.2f} s")
+    assert str(err.value).startswith(f"tracking.uri='http://u:***@127.0.0.1:{port}' is invalid: the MLflow store "
+                                     "cannot be reached"), str(err.value)
+    assert took < 10 and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------- output folder
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, readonly) -> a real tmpfs mount point, unmounted afterwards (we run as root; a root
+    process writes through any permission bits, so read-only and full must be real mounts)."""
+    import os
+    import subprocess
+    mounted = []
+
+    def mount(size: str, ro: bool = False):
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if ro else ""), "tmpfs",
+                              str(point)], capture_output=True, text=True)
+        if res.returncode:
+            if os.environ.get("CI"):
+                pytest.fail(f"mount failed in CI: {res.stderr}")
+            pytest.skip(f"cannot mount a tmpfs here (root needed): {res.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_read_only_output_folder_is_refused(tmpfs):
+    ro = tmpfs("1m", ro=True)
+    for dry in ("false", "true"):
+        res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, f"output_root={ro}/out", f"dry_run={dry}")
+        _refused(res, "output_root", f"{ro} is not a writable folder")
+
+
+def test_too_little_space_is_refused_with_the_figure(tmpfs, compose):
+    import re
+
+    from cluster.checks import checkpoint_bytes
+    small = tmpfs("1m")
+    res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, f"output_root={small}/out")
+    _refused(res, "output_root", "free", "for their checkpoints")
+    need = float(re.search(r"need about ([\d.]+) MiB", res.stderr).group(1))
+    # 2 points to run: 2 checkpoints + 1 being written + 64 MiB, each from the point's parameter count
+    estimate = 3 * checkpoint_bytes(compose(*TINY)) + 64 * 2 ** 20
+    assert abs(need - estimate / 2 ** 20) < 0.1, (need, estimate)
+    assert not (small / "out").exists() and not any(small.iterdir())
+    # a dry run checks the same and still writes nothing
+    dry = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, f"output_root={small}/out", "dry_run=true")
+    _refused(dry, "output_root", "free")
+    assert not any(small.iterdir())
+    # with room for the estimate the same launch passes the check (dry run: nothing written)
+    roomy = tmpfs(f"{int(need * 1.2) + 1}m")
+    ok = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, f"output_root={roomy}/out", "dry_run=true")
+    assert ok.returncode == 0, ok.stderr
