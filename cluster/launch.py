@@ -19,7 +19,9 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import signal
 import subprocess
+import threading
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,14 @@ from sweeps.grid import Point, expand
 
 class LaunchError(RuntimeError):
     """A launch that failed after it created runs (those are marked FAILED); the message says what happened."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM during a launch: its runs are marked KILLED, the message says so."""
+
+
+def _terminated(signum, _frame):
+    raise Interrupted(f"signal {signal.Signals(signum).name}")
 
 
 @dataclass
@@ -288,6 +298,8 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     c = check_tracking(uri, create=True, shown=raw_uri)
     exp_id = tracking.experiment_id(c, exp_name, uri)
     parent, handed_over = None, set()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # SIGTERM ends runs as Ctrl-C does
     try:
         parent = tracking.start_launch(c, exp_id, name, overrides, len(todo))
         for pl in todo:
@@ -306,14 +318,20 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         return 1 if failed else 0
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
-        reason = "interrupted" if interrupted else tracking.redact_text(f"{type(e).__name__}: {e}", raw_uri)
+        reason = (f"interrupted by {e.args[0] if e.args else 'Ctrl-C (SIGINT)'}" if interrupted
+                  else tracking.redact_text(f"{type(e).__name__}: {e}", raw_uri))
         left = [pl.run_id for pl in todo if pl.run_id and pl.run_id not in handed_over]
         _end_runs(c, parent, left, reason, "KILLED" if interrupted else "FAILED")
         if interrupted:
-            raise
+            raise Interrupted(f"{reason}: the launch run{' ' + parent[:8] if parent else ''} and the point runs it "
+                              f"held are marked KILLED (reason in the tag {tracking.TAG}failure); relaunch to resume "
+                              "them.") from None
         raise LaunchError(f"the launch failed after creating its MLflow runs: {reason}. The launch run"
                           f"{' ' + parent[:8] if parent else ''} and {len(left)} point run(s) not handed to a job are "
                           f"marked FAILED (reason in the tag {tracking.TAG}failure); relaunch to retry them.") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _end_runs(c, parent: str | None, run_ids: list[str], reason: str, status: str) -> None:

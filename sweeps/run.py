@@ -19,13 +19,16 @@ from core.config import SEARCHPATH, ConfigError  # noqa: E402
 def main(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
-    from cluster.launch import LaunchError, launch
+    from cluster.launch import Interrupted, LaunchError, launch
 
     try:
         code = launch(cfg, list(HydraConfig.get().overrides.task))
     except ConfigError as e:  # a user mistake, found before anything was created: exit 2
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except Interrupted as e:  # Ctrl-C / SIGTERM: the runs are marked KILLED; 130 as a shell reports Ctrl-C
+        print(f"error: {e}", file=sys.stderr)
+        code = 130
     except LaunchError as e:  # failed after creating runs (they are marked FAILED): exit 1
         print(f"error: {e}", file=sys.stderr)
         code = 1

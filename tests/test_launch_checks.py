@@ -210,3 +210,55 @@ def test_too_little_space_is_refused_with_the_figure(tmpfs, compose):
     roomy = tmpfs(f"{int(need * 1.2) + 1}m")
     ok = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, f"output_root={roomy}/out", "dry_run=true")
     assert ok.returncode == 0, ok.stderr
+
+
+# ------------------------------------------------------------------------------------------- Ctrl-C / SIGTERM
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_local_launch_marks_its_runs_killed(tmp_path, sig):
+    """A real launch, a real signal during the first point's training: nothing is left RUNNING/SCHEDULED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import REPO
+    env = {**os.environ, "MIMSWEEP_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "sweeps/run.py", "sweep=mcm_recon_range", *TINY, "pretrain.epochs=100",
+                             "pretrain.max_steps=5000", f"output_root={tmp_path}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:                                  # the first point has started
+            if line.startswith("[1/2]"):
+                break
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        c = MlflowClient(uri)
+        deadline = time.time() + 120
+        while time.time() < deadline:                             # ... and is training (RUNNING in the store)
+            exp = c.get_experiment_by_name("mcm_recon_range")
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            if any(r.info.status == "RUNNING" and r.data.tags.get("mimsweep.kind") == "point" for r in runs):
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+        t0 = time.perf_counter()
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=120)
+        print(f"{sig}: launch ended {time.perf_counter() - t0:.1f} s after the signal")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted by") and "Traceback" not in err, err
+    runs = c.search_runs([exp.experiment_id])
+    by_kind = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags["mimsweep.kind"], []).append(r)
+    assert len(by_kind["launch"]) == 1 and len(by_kind["point"]) == 2
+    assert {r.info.status for r in runs} == {"KILLED"}, [(r.data.tags["mimsweep.kind"], r.info.status) for r in runs]
+    assert all(r.data.tags.get("mimsweep.failure") for r in runs)
+    assert "SIGTERM" in by_kind["launch"][0].data.tags["mimsweep.failure"] if sig == "SIGTERM" else \
+        "SIGINT" in by_kind["launch"][0].data.tags["mimsweep.failure"]
