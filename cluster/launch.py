@@ -309,9 +309,16 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
                                                       pl.signature, pl.cfg)
         if backend == "slurm":
             return _submit_slurm(c, parent, todo, arrays, cfg, uri, root, name, handed_over)
-        from cluster.local import run_all
-        failed = run_all(todo, uri, root)
+        from cluster.local import print_summary, run_all
+        rows = run_all(todo, uri, root)
         handed_over.update(pl.run_id for pl in todo)   # run_point ended each of them, one way or another
+        failed = sum(r["status"] != "FINISHED" for r in rows)
+        report = None
+        if name != "single":  # the report composes the same grid: it takes the launch's overrides
+            import shlex
+            report = "python reports/build.py " + " ".join(
+                shlex.quote(tracking.redact_text(o, raw_uri)) for o in task_overrides if not o.startswith("hydra"))
+        print_summary(rows, len(planned) - len(todo), report)
         c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed,
                                                                "skipped": len(planned) - len(todo)}))
         tracking.set_status(c, parent, "FAILED" if failed else "FINISHED")

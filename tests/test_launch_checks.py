@@ -262,3 +262,20 @@ def test_interrupted_local_launch_marks_its_runs_killed(tmp_path, sig):
     assert all(r.data.tags.get("mimsweep.failure") for r in runs)
     assert "SIGTERM" in by_kind["launch"][0].data.tags["mimsweep.failure"] if sig == "SIGTERM" else \
         "SIGINT" in by_kind["launch"][0].data.tags["mimsweep.failure"]
+
+
+# ------------------------------------------------------------------------------------------- summary
+def test_local_sweep_ends_with_a_summary_and_the_report_command(tmp_path):
+    import shlex
+    res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, f"output_root={tmp_path}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = res.stdout[res.stdout.index("\nsummary"):].strip().splitlines()
+    assert summary[1].split() == ["point", "seed", "status", "knn_top1", "linear_top1", "wall"], summary
+    rows = {line.split()[0]: line.split() for line in summary[2:4]}
+    assert set(rows) == {"masked", "all"} and all(r[2] == "FINISHED" and r[-1] == "s" for r in rows.values())
+    assert all(0 <= float(r[3]) <= 100 and 0 <= float(r[4]) <= 100 for r in rows.values())
+    nxt = summary[-1]
+    assert nxt.startswith("next: python reports/build.py ") and "sweep=mcm_recon_range" in nxt
+    report = run_cli(*shlex.split(nxt[len("next: python "):]))   # the printed command works as printed
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "masked" in report.stdout and (tmp_path / "reports" / "mcm_recon_range").is_dir()
