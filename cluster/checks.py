@@ -16,7 +16,10 @@ Paths (output_root, the repository, the interpreter) may contain spaces: cluster
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
+from pathlib import Path
 
 from core.config import ConfigError
 
@@ -117,3 +120,63 @@ def validate(cfg, sweep_name: str) -> None:
     name("tracking.experiment", cfg.tracking.get("experiment"))
     text("tracking.uri", cfg.tracking.get("uri"), what="URI")
     validate_cluster(cfg.cluster)
+
+
+# What MLflow's tracking client accepts: a server, a SQL store (SQLAlchemy URL, `postgresql+psycopg2://`
+# included), the file store, Databricks.
+URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+REACH_TIMEOUT_S = 5.0
+
+
+def tracking_uri(uri: str, shown: str) -> None:
+    """The scheme is one MLflow takes, and a server (or database host) answers within REACH_TIMEOUT_S:
+    MLflow's own HTTP retries take minutes to give up on a server that is down."""
+    from core.tracking import reachable
+    scheme = uri.split(":", 1)[0].split("+")[0].lower() if "://" in uri or uri.startswith("databricks") else ""
+    if scheme not in URI_SCHEMES:
+        raise ConfigError("tracking.uri", shown, "must be an MLflow tracking URI: " + ", ".join(
+            f"{s}://" for s in URI_SCHEMES[:-1]) + " or databricks", "e.g. tracking.uri=http://HOST:5000 or "
+            "sqlite:////abs/path/mlflow.db (default: a SQLite file under output_root).")
+    if scheme in ("sqlite", "file", "databricks"):
+        return
+    problem = reachable(uri, REACH_TIMEOUT_S)
+    if problem:
+        raise ConfigError("tracking.uri", shown, f"the MLflow store cannot be reached ({problem})",
+                          "Start the server or fix the URI; nothing was run.")
+
+
+def checkpoint_bytes(cfg) -> int:
+    """Disk a point's checkpoint takes, estimated from the config: the encoder's parameters (12 L D^2 for
+    the blocks + patch and position embeddings), doubled for the method's decoder / heads / adaptors,
+    times 3 for the weights and AdamW's two moments, 4 bytes each."""
+    m = cfg.model
+    grid = (m.input_size // m.patch_size) ** 2
+    encoder = 12 * m.depth * m.embed_dim ** 2 + (m.patch_size ** 2 * cfg.data.channels + grid + 2) * m.embed_dim
+    return 2 * encoder * 3 * 4
+
+
+def output_folder(root, need_bytes: int | None = None) -> None:
+    """output_root (or its nearest existing ancestor: a dry run creates nothing) is writable and, when
+    `need_bytes` is given, has that much free space. Read only: nothing is created here."""
+    path = Path(root).resolve()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError("output_root", str(root), f"{probe} is not a writable folder" + (
+            "" if probe == path else f" (the nearest existing part of {path})"),
+                          "Pick a folder you can write to (output_root=/a/writable/folder).")
+    if need_bytes is not None:
+        free = shutil.disk_usage(probe).free
+        if free < need_bytes:
+            raise ConfigError("output_root", str(root), f"{probe} has {_size(free)} free, and the points to run need "
+                              f"about {_size(need_bytes)} for their checkpoints (model + AdamW state each, "
+                              "plus a margin)", "Free some space or pick another output_root.")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"

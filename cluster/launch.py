@@ -19,7 +19,9 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import signal
 import subprocess
+import threading
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,14 @@ from sweeps.grid import Point, expand
 
 class LaunchError(RuntimeError):
     """A launch that failed after it created runs (those are marked FAILED); the message says what happened."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM during a launch: its runs are marked KILLED, the message says so."""
+
+
+def _terminated(signum, _frame):
+    raise Interrupted(f"signal {signal.Signals(signum).name}")
 
 
 @dataclass
@@ -108,13 +118,77 @@ def compose_point(base: list[str], point: Point, cache: dict | None = None) -> D
 def sweep_points(cfg: DictConfig) -> tuple[str, list[Point]]:
     if cfg.get("sweep") is None:  # a single run of the composed config
         return "single", [Point("default", cfg.seed, [f"seed={cfg.seed}"])]
+    seeds = cfg.sweep.get("seeds")
+    if seeds is not None:
+        seeds = list(seeds) if OmegaConf.is_list(seeds) else seeds
+        ok = isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                       for s in seeds)
+        if not ok:
+            raise ConfigError("sweep.seeds", seeds, "must be a non-empty list of integers >= 0",
+                              "For example sweep.seeds=[0] or sweep.seeds=[0,1,2].")
     return cfg.sweep.name, expand(cfg.sweep)
+
+
+SPEC_KEYS = ("name", "title", "fixed", "grid", "points", "seeds", "report")  # what a sweep file may hold
+
+
+def check_swept(cfg: DictConfig, name: str, points: list[Point], base: list[str]) -> None:
+    """A user override of a key the sweep itself sets would be silently replaced by the sweep's value:
+    refused, with how to change the sweep instead."""
+    if cfg.get("sweep") is None:
+        return
+    fixed = {override_key(o) for o in cfg.sweep.get("fixed") or []}
+    grid = set(cfg.sweep.get("grid") or {})
+    set_by_points = {override_key(o) for p in points for o in p.overrides}
+    for o in base:
+        key, value = override_key(o), o.partition("=")[2]
+        if key not in set_by_points:
+            continue
+        if key == "seed":
+            raise ConfigError(key, value, f"the sweep {name} sets it for each point", "Give the seeds as "
+                              f"sweep.seeds=[{value}] (or a list, e.g. sweep.seeds=[0,1,2]).")
+        if key in grid:
+            raise ConfigError(key, value, f"the sweep {name} sweeps this key (grid values {list(cfg.sweep.grid[key])}) "
+                              "and its grid would replace this override", f"To change the grid: "
+                              f"'sweep.grid={{{key}:[{value}]}}' (a list of values), or a new file in sweeps/conf/sweep/.")
+        if key in fixed:
+            raise ConfigError(key, value, f"the sweep {name} fixes this key (fixed: {list(cfg.sweep.fixed)}) "
+                              "and would replace this override", "Change the sweep's fixed overrides "
+                              "(sweep.fixed=[...]) or write a new file in sweeps/conf/sweep/.")
+        raise ConfigError(key, value, f"the points of sweep {name} set this key and would replace this override",
+                          "Change the points (sweep.points=[...]) or write a new file in sweeps/conf/sweep/.")
+
+
+def check_added_keys(task_overrides: list[str], base: list[str], point: Point, cache: dict) -> None:
+    """`+key=value` adds a key no config file has, so nothing reads it (Hydra itself suggests `+` after a
+    typo): refused with a did-you-mean, unless the point's config has the key anyway or it is a part of a
+    sweep spec (`+sweep.points=[...]`)."""
+    from core.config import flatten, unknown_key
+    groups = _config_groups()
+    for o in task_overrides:
+        if not o.startswith("+") or o.startswith("++"):
+            continue
+        key, value = override_key(o), o.partition("=")[2]
+        parts = key.split(".")
+        if key in groups or parts[0] == "hydra":
+            continue
+        if parts[0] == "sweep":
+            if len(parts) == 2 and parts[1] in SPEC_KEYS:
+                continue
+            raise ConfigError(key, value, "is not a key of a sweep spec (those are " + ", ".join(SPEC_KEYS) + ")")
+        ref = compose_point([x for x in base if x != o], point, cache)
+        known = list(flatten(ref))
+        if key in known:
+            continue
+        raise unknown_key(key, value, known)
 
 
 def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]]:
     name, points = sweep_points(cfg)
     base = user_overrides(task_overrides)
+    check_swept(cfg, name, points, base)
     planned, cache = [], {}
+    check_added_keys(task_overrides, base, points[0], cache)
     for p in points:
         try:
             pc = compose_point(base, p, cache)
@@ -183,11 +257,16 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         raise ConfigError("cluster.backend", backend, "must be one of " + ", ".join(checks.BACKENDS))
     root = Path(cfg.output_root).resolve() / "runs" / exp_name
 
+    checks.output_folder(cfg.output_root)                            # read only, as everything up to step 5
+    checks.tracking_uri(uri, shown)
     c = check_tracking(uri, create=False, shown=raw_uri)            # read only: a dry run must create nothing
     exp_id = tracking.find_experiment(c, exp_name)
     decide(planned, tracking.runs_by_signature(c, exp_id, name) if exp_id else {})
     arrays = []
     todo = [pl for pl in planned if pl.action in ("new", "resume")]
+    # every point to run holds one checkpoint, one more is being written at a time, + 64 MiB (store, logs)
+    sizes = [checks.checkpoint_bytes(pl.cfg) for pl in todo]
+    checks.output_folder(cfg.output_root, sum(sizes) + max(sizes, default=0) + 64 * 2 ** 20 if todo else None)
     if backend == "slurm":
         from cluster import slurm, snapshot
         snap = snapshot.plan(cfg.output_root)          # the tasks run this copy of the code, not the live tree
@@ -221,6 +300,8 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     exp_id = tracking.experiment_id(c, exp_name, uri)
     tracking.close_orphaned_launches(c, exp_id)
     parent, handed_over = None, set()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # SIGTERM ends runs as Ctrl-C does
     try:
         parent = tracking.start_launch(c, exp_id, name, overrides, len(todo))
         for pl in todo:
@@ -232,20 +313,30 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
             snapshot.write(snap)
             snapshot.record(c, parent, snap)
             return _submit_slurm(c, parent, todo, arrays, cfg, uri, root, name, handed_over)
-        from cluster.local import run_all
-        failed = run_all(todo, uri, root)
+        from cluster.local import print_summary, run_all
+        rows = run_all(todo, uri, root)
         handed_over.update(pl.run_id for pl in todo)   # run_point ended each of them, one way or another
+        failed = sum(r["status"] != "FINISHED" for r in rows)
+        report = None
+        if name != "single":  # the report composes the same grid: it takes the launch's overrides
+            import shlex
+            report = "python reports/build.py " + " ".join(
+                shlex.quote(tracking.redact_text(o, raw_uri)) for o in task_overrides if not o.startswith("hydra"))
+        print_summary(rows, len(planned) - len(todo), report)
         c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed,
                                                                "skipped": len(planned) - len(todo)}))
         tracking.set_status(c, parent, "FAILED" if failed else "FINISHED")
         return 1 if failed else 0
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
-        reason = "interrupted" if interrupted else tracking.redact_text(f"{type(e).__name__}: {e}", raw_uri)
+        reason = (f"interrupted by {e.args[0] if e.args else 'Ctrl-C (SIGINT)'}" if interrupted
+                  else tracking.redact_text(f"{type(e).__name__}: {e}", raw_uri))
         left = [pl.run_id for pl in todo if pl.run_id and pl.run_id not in handed_over]
         marked = _end_runs(c, parent, left, reason, "KILLED" if interrupted else "FAILED")
         if interrupted:
-            raise
+            raise Interrupted(f"{reason}: the launch run{' ' + parent[:8] if parent else ''} and the point runs it "
+                              f"held are marked KILLED (reason in the tag {tracking.TAG}failure); relaunch to resume "
+                              "them.") from None
         if not marked:
             raise LaunchError(f"the launch failed: {reason}. The tracking store did not answer, so its runs could "
                               "not be marked; relaunch when it answers again: finished points are skipped, the "
@@ -253,6 +344,9 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         raise LaunchError(f"the launch failed after creating its MLflow runs: {reason}. The launch run"
                           f"{' ' + parent[:8] if parent else ''} and {len(left)} point run(s) not handed to a job are "
                           f"marked FAILED (reason in the tag {tracking.TAG}failure); relaunch to retry them.") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _end_runs(c, parent: str | None, run_ids: list[str], reason: str, status: str) -> bool:

@@ -17,25 +17,44 @@ from core.train import DiskFull, NonFiniteLoss
 EXPLAINED = (DiskFull, NonFiniteLoss, TrackingUnavailable)
 
 
-def run_all(todo, uri: str, root: Path) -> int:
-    failed = 0
+def run_all(todo, uri: str, root: Path) -> list[dict]:
+    """Runs the points; returns one row per point: label, seed, status, metrics, wall time."""
+    rows = []
     for i, pl in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {pl.point.label} seed={pl.point.seed} sig={pl.signature} run={pl.run_id}",
               flush=True)
         t0 = time.perf_counter()
+        row = {"point": pl.point.label, "seed": pl.point.seed, "run": pl.run_id}
+        rows.append(row)
         try:
             res = run_point(pl.cfg, pl.run_id, uri, str(root / pl.workdir_name))
         except KeyboardInterrupt:
             raise
         except EXPLAINED as e:
-            failed += 1
             print(f"    FAILED: {e}", flush=True)
+            row.update(status="FAILED", metrics={}, wall_s=time.perf_counter() - t0)
             continue
         except Exception as e:  # noqa: BLE001 - reported, tracked as FAILED, and the sweep continues
-            failed += 1
             traceback.print_exc()
             print(f"    FAILED: {type(e).__name__}: {e}", flush=True)
+            row.update(status="FAILED", metrics={}, wall_s=time.perf_counter() - t0)
             continue
-        shown = ", ".join(f"{k}={v:.2f}" for k, v in res.items() if k.endswith("top1"))
-        print(f"    done in {time.perf_counter() - t0:.0f}s: {shown}", flush=True)
-    return failed
+        row.update(status="FINISHED", metrics={k: v for k, v in res.items() if k.endswith("top1")},
+                   wall_s=time.perf_counter() - t0)
+        shown = ", ".join(f"{k}={v:.2f}" for k, v in row["metrics"].items())
+        print(f"    done in {row['wall_s']:.0f}s: {shown}", flush=True)
+    return rows
+
+
+def print_summary(rows: list[dict], skipped: int, report_cmd: str | None) -> None:
+    """The table a local sweep ends with, and the command to run next."""
+    keys = sorted({k for r in rows for k in r["metrics"]})
+    head = ["point", "seed", "status", *keys, "wall"]
+    body = [[r["point"], str(r["seed"]), r["status"], *(f"{r['metrics'][k]:.2f}" if k in r["metrics"] else "-"
+                                                        for k in keys), f"{r['wall_s']:.0f} s"] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    print("\nsummary" + (f" ({skipped} point(s) skipped: already finished)" if skipped else ""))
+    for line in [head, *body]:
+        print("  " + "  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+    if report_cmd:
+        print(f"next: {report_cmd}")

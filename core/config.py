@@ -7,6 +7,7 @@ what is computed (a mask ratio, a seed, the data, the code's config schema) give
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -31,6 +32,49 @@ class ConfigError(ValueError):
         self.key, self.value = key, value
         msg = f"{key}={value!r} is invalid: {allowed}."
         super().__init__(msg + (f" {hint}" if hint else ""))
+
+
+def unknown_key(key: str, value, known) -> ConfigError:
+    """The error for a key no config has, with a did-you-mean from the real keys."""
+    import difflib
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return ConfigError(key, value, "no config has this key, so nothing would read it",
+                       f"Did you mean {close[0]}?" if close else "`python sweeps/run.py --cfg job` lists the keys.")
+
+
+def hydra_error(e: Exception, overrides: list[str]) -> str | None:
+    """Hydra's own errors (unknown group option, unknown key, unparsable override) as our one line
+    `KEY=VALUE is invalid: ...`; None for anything that is not a user mistake Hydra found."""
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+    if not isinstance(e, (HydraException, OmegaConfBaseException)):
+        return None
+    by_key = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides if "=" in o}
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if isinstance(e, OverrideParseException):
+        return (f"cannot parse the override {getattr(e, 'override', '')!r}: {lines[0] if lines else ''}. Overrides "
+                "are KEY=VALUE in Hydra's syntax: https://hydra.cc/docs/advanced/override_grammar/basic/")
+    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return str(ConfigError(group, option, f"is not an option of the config group {group}",
+                               "Options: " + ", ".join(e.options) + "."))
+    cause = e.__cause__
+    if isinstance(cause, OmegaConfBaseException) and "not in struct" in str(cause) \
+            and getattr(cause, "full_key", None) in by_key:
+        key = cause.full_key
+        o = by_key[key]
+        try:  # the real keys, for the did-you-mean: the same command line without this override
+            from hydra import compose, initialize_config_dir
+            from hydra.core.global_hydra import GlobalHydra
+            GlobalHydra.instance().clear()
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                ref = compose("config", overrides=[SEARCHPATH] + [x for x in overrides if x != o and "=" in x
+                                                   and not x.startswith("hydra")])
+            known = flatten(ref)
+        except Exception:  # noqa: BLE001 - another mistake on the line: no suggestion then
+            known = {}
+        return str(unknown_key(key, o.split("=", 1)[1], known))
+    return " ".join(lines[:1] + ([str(cause).splitlines()[0]] if cause is not None and str(cause) else []))
 
 
 def flatten(cfg, prefix: str = "") -> dict:
@@ -111,6 +155,9 @@ def validate(cfg) -> None:
     check(len(cfg.data.mean) == cfg.data.channels and len(cfg.data.std) == cfg.data.channels, "data.mean",
           list(cfg.data.mean), f"data.mean and data.std need data.channels={cfg.data.channels} values")
     check_pair(cfg, "data.crop_scale", lambda lo, hi: 0 < lo <= hi <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1")
+    check(cfg.data.source != "embedded" or cfg.data.get("root") is None, "data.root", cfg.data.get("root"),
+          "is not read by data.source=embedded (the images shipped in core/assets)",
+          "Drop data.root, or pick data that reads it: data=fashion_mnist or data=imagenet.")
     if cfg.data.source != "embedded" and cfg.get("task", "train") == "train":  # task=flops reads no data
         root = cfg.data.root
         check(root is not None and Path(root).exists(), "data.root", root, "must be an existing folder",
@@ -190,7 +237,18 @@ def _validate_teacher(cfg, request) -> None:
         needs = [k for k in ("cls", "cls_attention") if getattr(request, k)]
         check(not needs, "teacher.kind", t.kind, f"has no [CLS] token or attention, which method.name="
               f"{cfg.method.name} needs ({', '.join(needs)}); use a ViT teacher (open_clip or timm)")
+    if t.kind in ("open_clip", "timm") and pre != "random" and not resolve_path(pre).is_file():
+        problem = _pretrained_unavailable(t.kind, t.model, pre)
+        check(problem is None, "teacher.pretrained", pre, f"cannot be loaded offline: {problem}",
+              "Use a local file (teacher.pretrained=/path/to/weights) or download the weights into the cache "
+              "first on a machine with network.")
     check_number(cfg, "teacher.input_size", 16, integer=True, optional=True)
+
+
+@functools.lru_cache(maxsize=16)  # once per launch, not once per point
+def _pretrained_unavailable(kind: str, model: str, tag: str) -> str | None:
+    from core.teachers import pretrained_unavailable
+    return pretrained_unavailable(kind, model, tag)
 
 
 def resolve_path(path: str) -> Path:

@@ -358,3 +358,49 @@ def build_teacher(cfg) -> Teacher:
         return EfficientNetLite0Teacher(cfg.pretrained, cfg.input_size, cfg.feature_stage, cfg.dtype)
     raise ValueError(f"teacher.kind={cfg.kind!r} is unknown; use open_clip, timm or efficientnet_lite0")
 
+
+
+
+def _weight_sources(kind: str, model: str, tag: str) -> tuple[list[tuple[str, str]], str, list[str], str | None]:
+    """Where the loading code would take a pretrained tag's weights from, asked of the libraries' own
+    pretrained configs: ([(hub repo, file name)], download URL, [its cached paths], a file the config names)."""
+    import os
+    from urllib.parse import urlsplit
+    if kind == "open_clip":
+        import open_clip
+        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+        pc = open_clip.get_pretrained_cfg(model, tag) or {}
+        hub, url, file = pc.get("hf_hub", ""), pc.get("url", ""), pc.get("file")
+        repo, name = os.path.split(hub) if hub else ("", "")
+        names = [name, name[:-4] + ".safetensors"] if name else [HF_WEIGHTS_NAME, HF_SAFE_WEIGHTS_NAME]
+        cache = os.path.expanduser("~/.cache/clip")
+    else:
+        from timm.models import get_pretrained_cfg
+        pc = get_pretrained_cfg(model if "." in model else f"{model}.{tag}")
+        repo, url, file = (pc.hf_hub_id or "", pc.url or "", pc.file) if pc else ("", "", None)
+        names = [pc.hf_hub_filename] if pc and pc.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    local = [os.path.join(cache, os.path.basename(urlsplit(url).path))] if url else []
+    return ([(repo, n) for n in names] if repo else []), url, local, file
+
+
+def pretrained_unavailable(kind: str, model: str, tag: str, timeout: float = 3.0) -> str | None:
+    """None when a pretrained tag's weights can be loaded: found in the local Hugging Face / open_clip /
+    torch hub cache, or the place they download from answers within `timeout` s. Else the reason, for
+    the config error. With HF_HUB_OFFLINE=1 only the caches count, as for the libraries themselves."""
+    import os
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    hub_files, url, local, file = _weight_sources(kind, model, tag)
+    if (file and os.path.isfile(file)) or any(os.path.isfile(p) for p in local) or any(
+            isinstance(try_to_load_from_cache(repo, name), str) for repo, name in hub_files):
+        return None
+    if not hub_files and not url:
+        return "no download source is known for it"
+    where = (f"the Hugging Face hub ({hub_files[0][0]}; not in the local cache {constants.HF_HUB_CACHE})" if hub_files
+             else f"{url} (not in the local cache {local[0]})")
+    if constants.HF_HUB_OFFLINE:
+        return f"its weights come from {where}, and HF_HUB_OFFLINE is set"
+    from core.tracking import reachable
+    problem = reachable(constants.ENDPOINT if hub_files else url, timeout)
+    return None if problem is None else f"its weights come from {where}, and {problem}"

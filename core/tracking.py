@@ -121,6 +121,27 @@ def open_store(uri: str, create: bool):
     return c
 
 
+def reachable(url: str, timeout: float) -> str | None:
+    """None if a TCP connection to the URL's host opens within `timeout` s (name lookup included), else
+    why not. A quick probe before a client whose own retries take minutes to give up (MLflow's HTTP)."""
+    from concurrent.futures import ThreadPoolExecutor, TimeoutError
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+    host, port = parts.hostname, parts.port or default.get(parts.scheme.split("+")[0], 443)
+    if not host:
+        return f"the URI names no host"
+    pool = ThreadPoolExecutor(1)
+    try:
+        pool.submit(lambda: socket.create_connection((host, port), timeout=timeout).close()).result(timeout)
+        return None
+    except TimeoutError:
+        return f"{host}:{port} did not answer within {timeout:g} s"
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.strerror or e})"
+    finally:
+        pool.shutdown(wait=False)
+
+
 @functools.lru_cache(maxsize=1)  # once per launch, not twice per point of a 1,000-point grid
 def git_state() -> tuple[str, bool]:
     try:

@@ -38,7 +38,7 @@ def expand(spec) -> list[Point]:
     """spec: the composed `sweep` node. Seeds vary fastest, so a row's repeats stay together."""
     spec = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else spec
     fixed = list(spec.get("fixed") or [])
-    seeds = list(spec.get("seeds") or [0])
+    seeds = [0] if spec.get("seeds") is None else list(spec["seeds"])
     fmt = (spec.get("report") or {}).get("row_format")
     rows: list[tuple[str, list[str]]] = []
     if spec.get("grid") and spec.get("points"):

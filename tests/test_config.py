@@ -66,8 +66,14 @@ def test_every_shipped_config_combination_validates(compose):
     for method in sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")):
         for model in ("vit_micro", "vit_tiny", "vit_small", "vit_base"):
             validate(compose(f"method={method}", f"model={model}"))
+    from core.teachers import pretrained_unavailable
     for teacher in ("efficientnet_lite0", "clip_vit_b16", "clip_vit_l14"):
-        validate(compose(f"teacher={teacher}"))
+        cfg = compose(f"teacher={teacher}")
+        if cfg.teacher.kind == "open_clip" and pretrained_unavailable("open_clip", cfg.teacher.model, "openai"):
+            with pytest.raises(ConfigError, match="^teacher.pretrained='openai' is invalid: cannot be loaded offline"):
+                validate(cfg)                          # offline, and not in the cache: refused up front
+            cfg = compose(f"teacher={teacher}", "teacher.pretrained=random")
+        validate(cfg)
 
 
 def test_signature_ignores_where_and_how_but_not_what(compose):

@@ -141,8 +141,14 @@ def test_teacher_runs_in_bfloat16_when_asked():
 
 @pytest.mark.parametrize("pretrained", ["openai", "laion2b_s34b_b88k"])
 def test_hub_tags_are_recognised_without_downloading(compose, pretrained):
-    from core.config import validate
-    validate(compose("teacher=clip_vit_b16", f"teacher.pretrained={pretrained}"))
+    from core.config import ConfigError, validate
+    from core.teachers import pretrained_unavailable
+    cfg = compose("teacher=clip_vit_b16", f"teacher.pretrained={pretrained}")
+    if pretrained_unavailable("open_clip", "ViT-B-16", pretrained) is None:
+        validate(cfg)
+    else:  # a known tag, refused only because its weights cannot be had offline (launch checks, issue #7)
+        with pytest.raises(ConfigError, match="cannot be loaded offline: its weights come from the Hugging Face hub"):
+            validate(cfg)
 
 
 def test_open_clip_teacher_at_another_input_size_resizes_its_token_grid():
