@@ -96,16 +96,23 @@ def small_disk(tmp_path):
         pytest.fail("the disk-full test mounts a tmpfs: run the tests as root (CI does)")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mnt)], check=True)
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_fails_clearly_and_the_resume_is_exact(tmp_path, small_disk, reference):
-    """The store is on the big disk (tracking.uri), the checkpoints on a 1 MiB tmpfs that holds one
-    checkpoint (~0.75 MiB) but not the old one plus the next one's temp file."""
+    """output_root on a tmpfs with room for the launch's estimate; once the step-40 checkpoint is there,
+    another process fills the disk to less than one checkpoint (~0.75 MiB): the step-80 write fails.
+    The store is on the big disk (tracking.uri)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    p = launch(small_disk, uri=uri)
+    p = launch(small_disk, "pretrain.checkpoint_every=40", uri=uri)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(small_disk.glob("runs/*/*/checkpoint.pt")):
+        time.sleep(0.05)
+    st = os.statvfs(small_disk)
+    ballast = small_disk / "ballast"
+    subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - 300_000), str(ballast)], check=True)
     text = p.communicate(timeout=600)[0]
     assert p.returncode == 1, text
     assert "no space left on the device" in text and "output_root" in text, text
@@ -114,9 +121,9 @@ def test_full_disk_fails_clearly_and_the_resume_is_exact(tmp_path, small_disk, r
     assert run.info.status == "FAILED" and "no space left" in run.data.tags["mimsweep.failure"]
     assert not list(small_disk.rglob("*.tmp"))               # the failed write removed its temp file
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
-    assert steps == list(range(1, 6))                         # exactly what the one checkpoint covers
-    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)   # space freed
-    finish(small_disk, uri=uri)
+    assert steps == list(range(1, 41))                        # exactly what the one checkpoint covers
+    ballast.unlink()                                          # space freed
+    finish(small_disk, "pretrain.checkpoint_every=40", uri=uri)
     _assert_exactly_once(small_disk, reference, uri)
 
 
