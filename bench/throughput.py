@@ -86,7 +86,7 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # ----------------------------------------------------------------------------------------------------
 
 def compose_point(method: str, model: str, target: str, batch: int, precision: str, extra: list[str]):
-    """The resolved config of one point, composed as cluster/launch.py does (no validation: the
+    """The resolved config of one point, composed as sweeps/plan.py does (no validation: the
     imagenet data root need not exist, nothing is read from it)."""
     from hydra import compose
     from omegaconf import OmegaConf

@@ -32,13 +32,14 @@ def gather(cfg, overrides: list[str]):
     """-> (sweep name, [(Planned, run or None, slurm job ids, slurm state)], uri)."""
     from cluster import launch, slurm
     from core import tracking
+    from sweeps.plan import decide, plan
 
-    name, planned = launch.plan(cfg, overrides)
+    name, planned = plan(cfg, overrides)
     uri = tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
     c = launch.check_tracking(uri, create=False)  # status never creates a store
     exp = c.get_experiment_by_name(cfg.tracking.experiment or name) if c is not None else None
     runs = tracking.runs_by_signature(c, exp.experiment_id, name) if exp else {}
-    launch.decide(planned, runs)
+    decide(planned, runs)
     jobs = [j for pl in planned for j in pl.slurm_jobs]
     states = slurm.queue_states(jobs) if jobs and shutil.which("squeue") else {}
     rows = []

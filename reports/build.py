@@ -1,7 +1,7 @@
 """A sweep's table, rebuilt from MLflow: `python reports/build.py sweep=NAME [preset=...] [key=value ...]`.
 
 Give it the same overrides as the launch (`sweeps/run.py`): it composes the grid exactly as the launcher
-does (cluster.launch.plan), so the points' signatures pick out the runs of *that* launch (a smoke
+does (sweeps/plan.py), so the points' signatures pick out the runs of *that* launch (a smoke
 rehearsal and the real sweep share an experiment but not their signatures). Results are read from
 MLflow only, never from job folders: one paged search of the sweep's experiment, FINISHED point runs of
 the planned signatures. It prints the Markdown table and writes <sweep>.{md,tex,csv,html,png} under
@@ -38,7 +38,7 @@ def available_sweeps() -> list[str]:
 
 def run_command(task_overrides: list[str]) -> str:
     """The launch that produces the runs this report looks for: the same overrides, minus report-only ones."""
-    from cluster.launch import override_key
+    from sweeps.plan import override_key
     keep = [o for o in task_overrides if override_key(o) not in REPORT_ONLY]
     return " ".join(["python sweeps/run.py", *map(shlex.quote, keep)])
 
@@ -141,7 +141,7 @@ def write(rep: Report, out_dir: Path) -> list[Path]:
 def report(cfg: DictConfig, task_overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from cluster.launch import plan
+    from sweeps.plan import plan
     from core import tracking
     from reports import table
 

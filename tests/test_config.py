@@ -114,7 +114,7 @@ def test_grid_and_points_expand_with_seeds():
 
 
 def test_every_sweep_spec_expands_and_validates(compose):
-    from cluster.launch import compose_point
+    from sweeps.plan import compose_point
     for spec_file in sorted((REPO / "sweeps" / "conf" / "sweep").glob("*.yaml")):
         cfg = compose(f"sweep={spec_file.stem}")
         points = expand(cfg.sweep)

@@ -145,7 +145,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_key(compose, tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["sweep=mcm_recon_range", *TINY, f"output_root={tmp_path / 'o'}"]
-    from cluster.launch import plan
+    from sweeps.plan import plan
     plan(compose(*args), args)               # imports (torch, timm) done: time the launch, not Python's start
     t0 = time.perf_counter()
     with pytest.raises(ConfigError) as err:

@@ -38,7 +38,8 @@ def _job_ids() -> set:
 
 def _launch_in_process(compose, overrides):
     """What `python sweeps/run.py OVERRIDES` does, in this process (later overrides win per key)."""
-    from cluster.launch import launch, merge_overrides
+    from cluster.launch import launch
+    from sweeps.plan import merge_overrides
     overrides = merge_overrides(overrides)
     return launch(compose(*overrides), overrides)
 

@@ -186,7 +186,7 @@ def test_unreachable_tracking_server_is_refused(tmp_path):
 
 
 def test_grids_larger_than_max_array_size_are_split(compose, tmp_path):
-    from cluster.launch import Planned
+    from sweeps.plan import Planned
     from cluster.slurm import submit
     from sweeps.grid import Point
     cfg = compose("cluster=slurm")
