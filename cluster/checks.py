@@ -75,6 +75,7 @@ def validate_cluster(cl, prefix: str = "cluster") -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"{prefix}.backend", backend, "must be one of " + ", ".join(BACKENDS),
                           "Pick a profile with cluster=local or cluster=slurm (or cluster=<your site file>).")
+    integer(f"{prefix}.max_attempts", cl.get("max_attempts", 3), 1, 1000)
     if backend != "slurm":
         return
     for key, what in (("partition", "partition name (or comma-separated list)"), ("account", "account name"),

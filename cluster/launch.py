@@ -104,9 +104,13 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         else:
             print("dry run: nothing was started.")
         return 0
+    given_up = [pl for pl in planned if pl.action == "failed"]
+    if given_up:
+        print(f"{len(given_up)} point(s) failed cluster.max_attempts times and are not run again; see why with "
+              "`python cluster/status.py` (same overrides), fix it, then relaunch with retry_failed=true.")
     if not todo:
-        print("nothing to do: every point has a finished, queued or running run.")
-        return 0
+        print("nothing to do: every point has a finished, queued or running run" + (" or gave up." if given_up else "."))
+        return 1 if given_up else 0
 
     c = check_tracking(uri, create=True, shown=raw_uri)
     exp_id = tracking.experiment_id(c, exp_name, uri)
@@ -138,7 +142,7 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed,
                                                                "skipped": len(planned) - len(todo)}))
         tracking.set_status(c, parent, "FAILED" if failed else "FINISHED")
-        return 1 if failed else 0
+        return 1 if failed or given_up else 0
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         reason = (f"interrupted by {e.args[0] if e.args else 'Ctrl-C (SIGINT)'}" if interrupted

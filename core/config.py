@@ -20,7 +20,7 @@ CONFIG_DIR = REPO / "sweeps" / "conf"
 SEARCHPATH = f"hydra.searchpath=[file://{REPO}]"
 
 RUN_ONLY = (
-    "cluster", "tracking", "sweep", "output_root", "dry_run", "device", "report_dir",
+    "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "device", "report_dir",
     "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.compile", "data.num_workers", "data.root", "evaluate.batch_size",
 )
 

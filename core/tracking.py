@@ -256,10 +256,13 @@ STATUSES = ("SCHEDULED", "RUNNING", "FINISHED", "FAILED", "KILLED")
 
 
 def set_status(c, run_id: str, status: str, reason: str | None = None) -> None:
-    """The one place a run's status is written. FAILED/KILLED carry their reason in `mimsweep.failure`;
-    FINISHED removes a failure tag an earlier attempt left (a run that finished is not marked failed)."""
+    """The one place a run's status is written. FAILED/KILLED carry their reason in `mimsweep.failure`,
+    FAILED counts itself in `mimsweep.failures`; FINISHED removes a failure tag an earlier attempt left (a run that finished is not marked failed)."""
     if status not in STATUSES:
         raise ValueError(f"unknown run status {status!r}")
+    if status == "FAILED":  # attempts: cluster.max_attempts failures and a launch no longer retries the point
+        failures = int(c.get_run(run_id).data.tags.get(TAG + "failures", "0")) + 1
+        c.set_tag(run_id, TAG + "failures", str(failures))
     if reason is not None:
         c.set_tag(run_id, TAG + "failure", reason[:5000])
     elif status == FINISHED and TAG + "failure" in c.get_run(run_id).data.tags:

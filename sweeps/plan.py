@@ -24,10 +24,12 @@ class Planned:
     point: Point
     cfg: DictConfig
     signature: str
-    action: str = "new"          # new | resume | skip | queued
+    action: str = "new"          # new | resume | skip | queued | failed (gave up: cluster.max_attempts)
     run_id: str | None = None
     status: str | None = None    # status of the existing run, if any
     slurm_jobs: tuple = ()       # SLURM array tasks recorded on the existing run
+
+    failures: int = 0            # times the existing run ended FAILED
 
     @property
     def workdir_name(self) -> str:
@@ -177,13 +179,18 @@ def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]
 
 
 def decide(planned: list[Planned], existing: dict) -> None:
-    """FINISHED -> skip; any other existing run of the signature -> resume into it; none -> new."""
+    """FINISHED -> skip; FAILED cluster.max_attempts times -> failed (not run unless retry_failed=true);
+    any other existing run of the signature -> resume into it; none -> new."""
     for pl in planned:
         run = existing.get(pl.signature)
         if run is None:
             continue
         pl.run_id, pl.status = run.info.run_id, run.info.status
+        pl.failures = int(run.data.tags.get(tracking.TAG + "failures", "0"))
         pl.action = "skip" if run.info.status == tracking.FINISHED else "resume"
+        if (pl.action == "resume" and run.info.status == "FAILED" and not pl.cfg.get("retry_failed")
+                and pl.failures >= pl.cfg.cluster.get("max_attempts", 3)):
+            pl.action = "failed"
         pl.slurm_jobs = tuple(v for k, v in run.data.tags.items() if k.startswith(tracking.TAG + "slurm_job_"))
 
 
@@ -202,4 +209,6 @@ def print_plan(name: str, planned: list[Planned], uri: str, file=sys.stdout) -> 
     print(f"sweep {name}: {len(planned)} point(s), tracking {tracking.redact(uri)}", file=file)
     for pl in planned:
         extra = f" ({pl.status.lower()} run {pl.run_id[:8]})" if pl.run_id else ""
+        if pl.action == "failed":
+            extra = f" (run {pl.run_id[:8]} failed {pl.failures} times; not run again: retry_failed=true retries it)"
         print(f"  {pl.action:6s} {pl.point.label:24s} seed={pl.point.seed} sig={pl.signature}{extra}", file=file)

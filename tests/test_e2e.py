@@ -66,9 +66,22 @@ def test_a_failed_point_is_the_only_one_redone(tmp_path):
     assert runs["masked"].info.status == "FAILED"
     assert "non-finite loss" in runs["masked"].data.tags["mimsweep.failure"]
     assert runs["all"].info.status == "FINISHED"
-    again = run_cli(*base, FAILING_POINTS, "~sweep.grid")
+    again = run_cli(*base, FAILING_POINTS, "~sweep.grid", "cluster.max_attempts=2")
     assert "resume masked" in " ".join(again.stdout.split())
     assert "skip all" in " ".join(again.stdout.split())
+    assert again.returncode == 1
+    # two failures = cluster.max_attempts: the next launch runs nothing and says how to retry
+    given_up = run_cli(*base, FAILING_POINTS, "~sweep.grid", "cluster.max_attempts=2")
+    assert given_up.returncode == 1, given_up.stdout + given_up.stderr
+    assert "failed masked" in " ".join(given_up.stdout.split())
+    assert "failed 2 times" in given_up.stdout and "retry_failed=true" in given_up.stdout
+    assert len(_runs(uri, "mcm_recon_range", "launch")) == 2          # no launch run: nothing was started
+    runs = {r.data.tags["mimsweep.label"]: r for r in _runs(uri, "mcm_recon_range", "point")}
+    assert runs["masked"].data.tags["mimsweep.failures"] == "2"
+    retried = run_cli(*base, FAILING_POINTS, "~sweep.grid", "cluster.max_attempts=2", "retry_failed=true")
+    assert "resume masked" in " ".join(retried.stdout.split())
+    runs = {r.data.tags["mimsweep.label"]: r for r in _runs(uri, "mcm_recon_range", "point")}
+    assert runs["masked"].data.tags["mimsweep.failures"] == "3"
 
 
 def test_report_rebuilds_the_table_from_mlflow(swept):
