@@ -104,7 +104,9 @@ def sqlite_path(uri: str) -> Path | None:
 def open_store(uri: str, create: bool):
     """A client whose store answers. A SQLite store that does not exist is created only when `create`
     (else None: nothing to read, and a dry run must write nothing); its creation and schema migration run
-    under an exclusive file lock next to the database, so parallel launches never race on them."""
+    under an exclusive file lock next to the database, so parallel launches never race on them. A new store
+    is built as a temp file and renamed into place: a launch killed while creating it (MLflow's dozens of
+    schema migrations take seconds) leaves no half-made database that every later launch would trip on."""
     db = sqlite_path(uri)
     if db is None:
         c = client(uri)
@@ -116,6 +118,8 @@ def open_store(uri: str, create: bool):
     if create:
         db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock", timeout=600):
+        if not db.is_file():
+            _create_sqlite(db)
         c = client(uri)
         c.search_experiments(max_results=1)  # creates / migrates the schema, once, under the lock
     return c
@@ -140,6 +144,20 @@ def reachable(url: str, timeout: float) -> str | None:
         return f"{host}:{port} cannot be reached ({e.strerror or e})"
     finally:
         pool.shutdown(wait=False)
+
+
+def _create_sqlite(db: Path) -> None:
+    """The schema in `.NAME.PID.tmp`, then one rename (under the caller's lock; stale temps are removed)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from core import faults
+    for stale in db.parent.glob(f".{db.name}.*.tmp*"):
+        stale.unlink(missing_ok=True)
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    store = SqlAlchemyStore(f"sqlite:///{tmp}", (db.parent / "mlartifacts").as_uri())
+    store.engine.dispose()
+    faults.point("store.created")
+    os.replace(tmp, db)
 
 
 @functools.lru_cache(maxsize=1)  # once per launch, not twice per point of a 1,000-point grid

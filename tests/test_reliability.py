@@ -190,3 +190,17 @@ def test_server_outage_mid_run_spools_then_replays_and_the_run_finishes(tmp_path
         for proc in (p, server):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_kill_while_creating_the_store_leaves_no_broken_database(tmp_path, reference):
+    """MLflow builds a new SQLite store by running its migrations for seconds; a launch killed in the
+    middle used to leave a half-made database that every later launch refused ("table ... already
+    exists"). It is built as a temp file now and renamed: the kill here is after the schema, before the rename."""
+    out = tmp_path / "out"
+    p = launch(out, env=_env(MIMSWEEP_FAULT="store.created"))
+    text = p.communicate(timeout=600)[0]
+    assert p.returncode == -signal.SIGKILL, text
+    assert not (out / "mlflow.db").exists()
+    finish(out)
+    _assert_exactly_once(out, reference)
+    assert not list(out.glob(".mlflow.db.*"))
