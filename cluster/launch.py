@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from cluster import checks
 from core import tracking
 from core.config import ConfigError
-from sweeps.plan import Planned, decide, plan, print_plan, skip_queued, user_overrides
+from sweeps.plan import Planned, decide, plan, print_plan, resolve_after, skip_queued, user_overrides
 
 
 class LaunchError(RuntimeError):
@@ -73,11 +73,12 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     checks.tracking_uri(uri, shown)
     c = check_tracking(uri, create=False, shown=raw_uri)            # read only: a dry run must create nothing
     exp_id = tracking.find_experiment(c, exp_name)
-    decide(planned, tracking.runs_by_signature(c, exp_id, name) if exp_id else {})
+    trained = tracking.pretrainings(c) if c is not None else []   # finished pre-trainings: the whole store
+    decide(planned, tracking.point_runs(c, exp_id, name) if exp_id else [], trained)
     arrays = []
-    todo = [pl for pl in planned if pl.action in ("new", "resume")]
-    # every point to run holds one checkpoint, one more is being written at a time, + 64 MiB (store, logs)
-    sizes = [checks.checkpoint_bytes(pl.cfg) for pl in todo]
+    todo = _todo(planned)
+    # every point to pre-train holds one checkpoint, one more is being written at a time, + 64 MiB (store, logs)
+    sizes = [checks.checkpoint_bytes(pl.cfg) for pl in todo if pl.phase == "all"]
     checks.output_folder(cfg.output_root, sum(sizes) + max(sizes, default=0) + 64 * 2 ** 20 if todo else None)
     if backend == "slurm":
         from cluster import slurm, snapshot
@@ -85,8 +86,8 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         if not cfg.dry_run or shutil.which("sbatch"):
             max_array = slurm.preflight(cfg.cluster)
             if not cfg.dry_run:
-                skip_queued(planned)
-                todo = [pl for pl in planned if pl.action in ("new", "resume")]
+                skip_queued(planned, trained)
+                todo = _todo(planned)
             arrays = slurm.prepare(todo, cfg.cluster, root, name, max_array, snap.path)
             if arrays:
                 slurm.test_only(arrays[0]["script"])   # before any MLflow run exists
@@ -124,7 +125,10 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
             if pl.action == "new":
                 pl.run_id = tracking.create_point_run(c, exp_id, parent, name, pl.point.label,
                                                       [tracking.redact_text(o, raw_uri) for o in pl.point.overrides],
-                                                      pl.signature, pl.cfg)
+                                                      pl.legacy_sig, pl.cfg)
+        resolve_after(planned, root)
+        for pl in todo:  # the identity tags (core/identity.py); old runs resumed here get them too
+            _tag_identity(c, pl, root)
         if backend == "slurm":
             snapshot.write(snap)
             snapshot.record(c, parent, snap)
@@ -163,6 +167,22 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _todo(planned: list[Planned]) -> list[Planned]:
+    """The points to run, those that pre-train first (a local launch evaluates the others after them)."""
+    return sorted((pl for pl in planned if pl.action in ("new", "resume")), key=lambda pl: pl.pretrain == "after")
+
+
+def _tag_identity(c, pl: Planned, root: Path) -> None:
+    from mlflow.entities import RunTag
+    tags = pl.identity_tags(root)
+    c.log_batch(pl.run_id, tags=[RunTag(tracking.TAG + k, v) for k, v in tags.items() if v is not None])
+    if pl.phase == "all" and pl.action == "resume":  # once evaluation-only, now pre-training itself
+        old = c.get_run(pl.run_id).data.tags
+        for k in ("pretrained_by", "pretrained_checkpoint"):
+            if tracking.TAG + k in old:
+                c.delete_tag(pl.run_id, tracking.TAG + k)
 
 
 def _end_runs(c, parent: str | None, run_ids: list[str], reason: str, status: str) -> bool:

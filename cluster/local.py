@@ -21,13 +21,14 @@ def run_all(todo, uri: str, root: Path) -> list[dict]:
     """Runs the points; returns one row per point: label, seed, status, metrics, wall time."""
     rows = []
     for i, pl in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {pl.point.label} seed={pl.point.seed} sig={pl.signature} run={pl.run_id}",
-              flush=True)
+        print(f"[{i}/{len(todo)}] {pl.point.label} seed={pl.point.seed} sig={pl.signature} run={pl.run_id}"
+              + (" (evaluation only)" if pl.phase == "evaluate" else ""), flush=True)
         t0 = time.perf_counter()
         row = {"point": pl.point.label, "seed": pl.point.seed, "run": pl.run_id}
         rows.append(row)
         try:
-            res = run_point(pl.cfg, pl.run_id, uri, str(root / pl.workdir_name))
+            res = run_point(pl.cfg, pl.run_id, uri, str(root / pl.workdir_name), phase=pl.phase,
+                            checkpoint=pl.checkpoint)
         except KeyboardInterrupt:
             raise
         except EXPLAINED as e:

@@ -83,9 +83,6 @@ def test_only(script: str) -> None:
 
 
 # ---------------------------------------------------------------- the sbatch script
-DEPENDENCY_PLACEHOLDER = "<pretrain array job id>"
-
-
 def _plain(key: str, value) -> str:
     """A value for `#SBATCH --opt=value`: one token, no whitespace, quote or control character."""
     v = str(value)
@@ -145,7 +142,7 @@ def sbatch_script(cl, manifest: Path, n_tasks: int, job_name: str, log_dir: Path
                 raise ConfigError(f"cluster.{key}", value, "cannot be written into the job script")
             lines.append(f"#SBATCH --{key}={value}")
     if dependency:
-        dep = dependency.replace(DEPENDENCY_PLACEHOLDER, "0")
+        dep = re.sub(r"<array \d+ job id>", "0", dependency)
         _plain("dependency", dep)
         lines += [f"#SBATCH --dependency={dependency}", "#SBATCH --kill-on-invalid-dep=yes"]
     python = cl.python or sys.executable
@@ -170,7 +167,8 @@ def write_manifest(path: Path, points: list, uri: str, root: Path, phase: str, m
     clean = split_credentials(uri)[0]
     body = {"phase": phase, "max_requeues": max_requeues, "uri": clean, "points": [
         {"label": pl.point.label, "seed": pl.point.seed, "signature": pl.signature, "run_id": pl.run_id,
-         "workdir": str(root / pl.workdir_name), "config": OmegaConf.to_yaml(pl.cfg, resolve=True)}
+         "workdir": str(root / pl.workdir_name), "checkpoint": getattr(pl, "checkpoint", None),
+         "config": OmegaConf.to_yaml(pl.cfg, resolve=True)}
         for pl in points]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -212,40 +210,68 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- submission
+def _array_placeholder(k: int) -> str:
+    return f"<array {k} job id>"
+
+
 def prepare(todo: list, cl, root: Path, sweep: str, max_array: int, code: Path = REPO) -> list[dict]:
     """The array(s) for `todo`, at most MaxArraySize tasks each, nothing written or submitted:
     [{'phase', 'tasks', 'script', 'manifest', 'points', 'log_dir', 'job_id': None}]. Scripts do not depend on
-    the points' run ids, so the launch can `test_only` them before any MLflow run exists."""
+    the points' run ids, so the launch can `test_only` them before any MLflow run exists.
+
+    Points that pre-train: phase `all` (or `pretrain` + an `evaluate` array chained task by task when
+    cluster.separate_eval). Points that only evaluate another run's pre-training (sweeps/plan.py, phase
+    `evaluate`): evaluation arrays, one per pre-training they wait for: none (it finished), a task of this
+    launch's arrays, or a task of an earlier launch still queued or running (`afterok` on that task)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     slurm_dir = root / "slurm" / stamp
     log_dir = slurm_dir / "logs"
     chunk = max(max_array - 1, 1)  # array indices run 0..MaxArraySize-1
-    arrays = []
-    for ci in range(0, len(todo), chunk):
-        part = todo[ci: ci + chunk]
-        phases = ["pretrain", "evaluate"] if cl.separate_eval else ["all"]
-        # aftercorr: evaluation task i starts when pretraining task i completed successfully; with
-        # --kill-on-invalid-dep a failed pretraining cancels its evaluation instead of pending forever.
-        dependency = None
-        for phase in phases:
-            manifest = slurm_dir / f"array{ci // chunk}-{phase}.json"
-            script = sbatch_script(cl, manifest, len(part), job_name(sweep), log_dir, phase, dependency, code)
-            arrays.append({"phase": phase, "tasks": len(part), "script": script, "manifest": manifest,
-                           "points": part, "log_dir": log_dir, "job_id": None})
-            dependency = f"aftercorr:{DEPENDENCY_PLACEHOLDER}"
+    arrays, task_of = [], {}       # task_of: id(trainer point) -> (array index, task index)
+
+    def add(phase: str, part: list, name: str, dependency: str | None):
+        manifest = slurm_dir / f"{name}-{phase}.json"
+        script = sbatch_script(cl, manifest, len(part), job_name(sweep), log_dir, phase, dependency, code)
+        arrays.append({"phase": phase, "tasks": len(part), "script": script, "manifest": manifest,
+                       "points": part, "log_dir": log_dir, "job_id": None})
+
+    trainers = [pl for pl in todo if getattr(pl, "phase", "all") == "all"]
+    for ci in range(0, len(trainers), chunk):
+        part = trainers[ci: ci + chunk]
+        first = len(arrays)
+        task_of.update({id(pl): (first, i) for i, pl in enumerate(part)})
+        if cl.separate_eval:
+            # aftercorr: evaluation task i starts when pretraining task i completed successfully; with
+            # --kill-on-invalid-dep a failed pretraining cancels its evaluation instead of pending forever.
+            add("pretrain", part, f"array{ci // chunk}", None)
+            add("evaluate", part, f"array{ci // chunk}", f"aftercorr:{_array_placeholder(first)}")
+        else:
+            add("all", part, f"array{ci // chunk}", None)
+    groups: dict = {}              # the dependency of an evaluation-only array -> its points
+    for pl in (pl for pl in todo if getattr(pl, "phase", "all") == "evaluate"):
+        after = pl.after
+        if after is None or isinstance(after, str):
+            dep = f"afterok:{after}" if after else None
+        else:  # a trainer of this launch: its task (of the pretrain array when evaluation is separate)
+            k, i = task_of[id(after)]
+            dep = f"afterok:{_array_placeholder(k)}_{i}"
+        groups.setdefault(dep, []).append(pl)
+    for gi, (dep, pls) in enumerate(groups.items()):
+        for ci in range(0, len(pls), chunk):
+            add("evaluate", pls[ci: ci + chunk], f"evalonly{gi}-{ci // chunk}", dep)
     return arrays
 
 
 def submit_prepared(arrays: list[dict], cl, uri: str, root: Path) -> None:
     """Write each array's manifest (the points' run ids are known now) and sbatch it; sets 'job_id'.
     On a failure, the arrays queued so far keep their job_id (the others None) and the error propagates."""
-    previous = None
     for a in arrays:
-        if a["phase"] == "evaluate":
-            a["script"] = a["script"].replace(DEPENDENCY_PLACEHOLDER, previous)
+        for k, b in enumerate(arrays):  # arrays only wait for arrays before them
+            if b["job_id"]:
+                a["script"] = a["script"].replace(_array_placeholder(k), b["job_id"])
         a["log_dir"].mkdir(parents=True, exist_ok=True)
         write_manifest(a["manifest"], a["points"], uri, root, a["phase"], cl.max_requeues)
-        a["job_id"] = previous = sbatch(a["script"])
+        a["job_id"] = sbatch(a["script"])
 
 
 def submit(todo: list, cl, uri: str, root: Path, sweep: str, dry_run: bool = False,

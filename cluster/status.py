@@ -32,19 +32,20 @@ def gather(cfg, overrides: list[str]):
     """-> (sweep name, [(Planned, run or None, slurm job ids, slurm state)], uri)."""
     from cluster import launch, slurm
     from core import tracking
-    from sweeps.plan import decide, plan
+    from sweeps.plan import decide, match, plan
 
     name, planned = plan(cfg, overrides)
     uri = tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
     c = launch.check_tracking(uri, create=False)  # status never creates a store
     exp = c.get_experiment_by_name(cfg.tracking.experiment or name) if c is not None else None
-    runs = tracking.runs_by_signature(c, exp.experiment_id, name) if exp else {}
+    runs = tracking.point_runs(c, exp.experiment_id, name) if exp else []
     decide(planned, runs)
+    found = match(planned, runs)
     jobs = [j for pl in planned for j in pl.slurm_jobs]
     states = slurm.queue_states(jobs) if jobs and shutil.which("squeue") else {}
     rows = []
     for pl in planned:
-        run = runs.get(pl.signature)
+        run = found.get(id(pl))
         rows.append((pl, run, list(pl.slurm_jobs), [states.get(j, "-") for j in pl.slurm_jobs]))
     return name, rows, uri
 

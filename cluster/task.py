@@ -49,7 +49,8 @@ def main(manifest_path: str) -> int:
           f"job={job} phase={manifest['phase']} restarts={restarts}", flush=True)
     try:
         run_point(point["config"], point["run_id"], manifest["uri"], point["workdir"],
-                  should_stop=lambda: stop["signal"] is not None, phase=manifest["phase"])
+                  should_stop=lambda: stop["signal"] is not None, phase=manifest["phase"],
+                  checkpoint=point.get("checkpoint"))
     except Preempted as e:
         if rank != 0:
             return 0

@@ -91,13 +91,20 @@ def _count_flops(cfg, run_id: str, c, log) -> dict:
     return results
 
 
-def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: False, phase: str = "all") -> dict:
-    """cfg: resolved point config (DictConfig or YAML text). Returns the evaluation metrics (rank 0)."""
+def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: False, phase: str = "all",
+              checkpoint: str | None = None) -> dict:
+    """cfg: resolved point config (DictConfig or YAML text). Returns the evaluation metrics (rank 0).
+
+    phase `evaluate` reads a finished pre-training checkpoint and trains nothing: `checkpoint` (another run's,
+    whose pre-training signature is this point's: core/identity.py), else this run's own in `workdir`.
+    A run that completes its pre-training records the checkpoint's absolute path in the tag
+    `mimsweep.checkpoint`: later points of any sweep with the same pre-training signature evaluate it."""
     from core import method as methods
     from core.data import load_split
     from core.evaluate import evaluate
     from core.teachers import build_teacher
-    from core.train import NonFiniteLoss, Preempted, build_model, load_checkpoint, pretrain, schedule
+    from core.train import (NonFiniteLoss, Preempted, build_model, load_checkpoint, pretrain, schedule,
+                            upgrade_state_dict)
 
     cfg = OmegaConf.create(cfg) if isinstance(cfg, str) else cfg
     rank, world, local_rank = dist_env()
@@ -120,20 +127,28 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
         if cfg.get("task") == "flops":
             return _count_flops(cfg, run_id, c, log)
         train_split, test_split = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-        ckpt = Path(workdir) / "checkpoint.pt"
+        ckpt = Path(checkpoint) if phase == "evaluate" and checkpoint else Path(workdir) / "checkpoint.pt"
+        total = schedule(cfg, len(train_split.dataset), world)[0]
+        state = None
         if phase == "evaluate":
             state = load_checkpoint(ckpt)
-            total = schedule(cfg, len(train_split.dataset), world)[0]
             if state is None or state["step"] < total:
                 raise RuntimeError(f"evaluation needs a finished pre-training checkpoint at {ckpt}")
         needs_teacher = methods.get(cfg.method.name).teacher_request(cfg) is not None
         teacher = build_teacher(cfg.teacher).to(device) if needs_teacher else None
         model = build_model(cfg, teacher).to(device)
-        ddp = None
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-            ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        stats = pretrain(cfg, model, teacher, train_split, ckpt, log, device, should_stop, rank, world, ddp)
+        if state is not None:  # evaluation only: the weights, nothing of the pre-training's run state or metrics
+            model.load_state_dict(upgrade_state_dict(model, state["model"]))
+            stats = {"steps": state["step"], "resumed_from": state["step"]}
+        else:
+            ddp = None
+            if world > 1:
+                from torch.nn.parallel import DistributedDataParallel
+                ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            stats = pretrain(cfg, model, teacher, train_split, ckpt, log, device, should_stop, rank, world, ddp)
+            if lead and stats["steps"] >= total and ckpt.is_file():  # finished: others may evaluate it
+                log.tag("checkpoint", str(ckpt.resolve()))
+        del state
         results = {}
         if lead and phase != "evaluate" and stats["steps"] > stats["resumed_from"]:
             tracking.patiently(log_artifacts, c, run_id, model, teacher, test_split, cfg, device, wait_s=wait,
@@ -160,7 +175,7 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
             raise tracking.TrackingUnavailable(
                 f"the tracking store did not answer for {wait:.0f} s (tracking.outage_wait_s); the metrics wait in "
                 f"{log.spool} and are sent by the next job of this run. Relaunch the sweep when the server is back")
-        if lead and stats["resumed_from"]:
+        if lead and stats["resumed_from"] and phase != "evaluate":
             log.tag("resumed_from_step", str(stats["resumed_from"]))
         status("SCHEDULED" if phase == "pretrain" else "FINISHED")  # SCHEDULED: waits for its evaluation task
         return results

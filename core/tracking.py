@@ -2,12 +2,16 @@
 
 - one experiment per sweep (named after it), a *parent* run per launch, a *child* run per grid point;
 - child params: the flattened resolved config, with the config's own key names (`method.mask_ratio`);
-- child tags: sweep, row label, the point's overrides, its signature, git commit/dirty, host, launch;
+- child tags: sweep, row label, the point's overrides, git commit/dirty, host, launch, and its identity
+  (core/identity.py): `pretrain_signature`, `eval_signature`, the legacy `signature`; `checkpoint` (the
+  absolute path of the finished pre-training's checkpoint, set by the job that trained it) or, on a run
+  that only evaluates another's pre-training, `pretrained_by` (that run's id) and `pretrained_checkpoint`;
 - child metrics: `train_loss`/`lr`/`throughput_img_s` per logged step (sent in batches at every
   checkpoint, never one blocking call per step), `knn_top1`, `linear_top1`, their `floor_` twins at
   random init, `pretrain_wall_s`, `wall_s`;
 - artifact: `config.yaml`, the resolved config.
-A point's signature finds its runs again: FINISHED ones are skipped by the next launch, others resumed.
+A point's identity finds its runs again: FINISHED ones are skipped by the next launch, others resumed, and
+finished pre-trainings are found in the whole store (sweeps/plan.py decide).
 
 Credentials: a tracking URI may carry them (`http://user:secret@host:5000`). They are never stored or
 printed: `client()` strips the user-info from the URI and hands it to MLflow through its own variables
@@ -197,17 +201,52 @@ def experiment_id(c, name: str, uri: str) -> str:
         return exp.experiment_id
 
 
-def runs_by_signature(c, exp_id: str, sweep: str | None = None) -> dict:
-    """{signature: latest run} of an experiment (one paged search, not one call per point)."""
-    flt = f"tags.`{TAG}sweep` = '{sweep}'" if sweep else ""
+def _search_all(c, exp_ids: list[str], flt: str) -> list:
+    """Every run of the experiments matching the filter, oldest first (paged)."""
     runs, token = [], None
-    while True:
-        page = c.search_runs([exp_id], filter_string=flt, max_results=1000, page_token=token,
+    while exp_ids:
+        page = c.search_runs(exp_ids, filter_string=flt, max_results=1000, page_token=token,
                              order_by=["attributes.start_time ASC"])
         runs.extend(page)
         token = page.token
         if not token:
             break
+    return runs
+
+
+def point_runs(c, exp_id: str, sweep: str | None = None) -> list:
+    """The point runs of an experiment (of one sweep), oldest first: one paged search."""
+    flt = f"tags.`{TAG}sweep` = '{sweep}'" if sweep else ""
+    return [r for r in _search_all(c, [exp_id], flt) if r.data.tags.get(TAG + "kind") == "point"]
+
+
+def pretrainings(c) -> list:
+    """Every point run of the store (all experiments) that pre-trains itself, oldest first: the candidates
+    a point of any sweep may reuse (core/identity.py). Runs that only evaluate another's checkpoint are left out."""
+    exp_ids, token = [], None
+    while True:
+        page = c.search_experiments(max_results=1000, page_token=token)
+        exp_ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            break
+    runs = []
+    for i in range(0, len(exp_ids), 100):
+        runs += _search_all(c, exp_ids[i:i + 100], f"tags.`{TAG}pretrain_signature` LIKE '%'")
+    runs.sort(key=lambda r: r.info.start_time or 0)
+    return [r for r in runs if r.data.tags.get(TAG + "kind") == "point" and not r.data.tags.get(TAG + "pretrained_by")]
+
+
+def finished_checkpoint(run) -> str | None:
+    """The absolute path of the run's finished pre-training checkpoint if the job recorded one and the file is
+    still there, else None."""
+    path = run.data.tags.get(TAG + "checkpoint")
+    return path if path and Path(path).is_file() else None
+
+
+def runs_by_signature(c, exp_id: str, sweep: str | None = None) -> dict:
+    """{legacy signature: latest run} of an experiment (one paged search, not one call per point)."""
+    runs = point_runs(c, exp_id, sweep)
     out = {}
     for r in runs:
         sig = r.data.tags.get(TAG + "signature")
@@ -249,13 +288,15 @@ def close_orphaned_launches(c, exp_id: str) -> list[str]:
 
 
 def create_point_run(c, exp_id: str, parent_id: str | None, sweep: str, label: str, overrides: list[str],
-                     sig: str, cfg) -> str:
-    """A SCHEDULED child run holding the point's params, tags and resolved config."""
+                     sig: str, cfg, identity: dict | None = None) -> str:
+    """A SCHEDULED child run holding the point's params, tags and resolved config. `sig`: the legacy
+    signature (tag `signature`); `identity`: more tags (pretrain_signature, eval_signature, pretrained_by, ...)."""
     from mlflow.entities import Param, RunTag
     from omegaconf import OmegaConf
 
     commit, dirty = git_state()
     tags = {TAG + "kind": "point", TAG + "sweep": sweep, TAG + "label": label, TAG + "signature": sig,
+            **{TAG + k: v for k, v in (identity or {}).items() if v is not None},
             TAG + "overrides": json.dumps(overrides), TAG + "git_commit": commit, TAG + "git_dirty": str(dirty),
             TAG + "host": socket.gethostname(), "mlflow.source.git.commit": commit}
     if parent_id:

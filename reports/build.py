@@ -57,8 +57,9 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFrame:
-    """One row per FINISHED point run whose signature is in the plan: label, seed, signature, run_id and
-    the latest value of every metric. Raises NothingToReport if the experiment is missing."""
+    """One row per FINISHED point run of the plan (matched as a launch matches them: sweeps/plan.py match):
+    label, seed, signature, run_id and the latest value of every metric (a run that only evaluated another's
+    pre-training also gets that run's metrics it lacks). Raises NothingToReport if the experiment is missing."""
     from core import tracking
 
     c = tracking.client(uri)
@@ -69,18 +70,27 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
     if exp is None or exp.lifecycle_stage == "deleted":  # never create or restore it: we only read
         raise NothingToReport(f"no experiment '{experiment}' in the MLflow store {tracking.redact(uri)}.")
-    by_sig = {pl.signature: pl for pl in planned}
-    rows, others = [], 0
-    # runs_by_signature: one paged search for the sweep's tag, the latest point run per signature
-    for sig, run in tracking.runs_by_signature(c, exp.experiment_id, sweep).items():
-        if run.info.status != tracking.FINISHED:
+    from sweeps.plan import match
+    points = tracking.point_runs(c, exp.experiment_id, sweep)   # one paged search for the sweep's tag
+    found = match(planned, points)                                 # the identity rules (core/identity.py)
+    used = {run.info.run_id for run in found.values() if run.info.status == tracking.FINISHED}
+    others = len({r.info.run_id for r in points if r.info.status == tracking.FINISHED} - used)
+    rows, trainers = [], {}
+    for pl in planned:
+        run = found.get(id(pl))
+        if run is None or run.info.status != tracking.FINISHED:
             continue
-        if sig not in by_sig:
-            others += 1  # finished, but another composition (other preset, seeds, overrides)
-            continue
-        pl = by_sig[sig]
-        rows.append({"label": pl.point.label, "seed": pl.point.seed, "signature": sig,
-                     "run_id": run.info.run_id, **run.data.metrics})
+        metrics = dict(run.data.metrics)
+        by = run.data.tags.get(tracking.TAG + "pretrained_by")
+        if by:  # evaluation only: the pre-training's own figures (pretrain_wall_s, epoch_s, ...) are its trainer's
+            if by not in trainers:
+                try:
+                    trainers[by] = c.get_run(by).data.metrics
+                except Exception:  # noqa: BLE001 - a deleted trainer run: its evaluation still counts
+                    trainers[by] = {}
+            metrics = {**trainers[by], **metrics}
+        rows.append({"label": pl.point.label, "seed": pl.point.seed, "signature": pl.signature,
+                     "run_id": run.info.run_id, **metrics})
     runs = pd.DataFrame(rows, columns=["label", "seed", "signature", "run_id"] if not rows else None)
     runs.attrs["other_finished"] = others
     return runs

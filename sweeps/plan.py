@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
 from core import tracking
-from core.config import SEARCHPATH, ConfigError, signature, validate
+from core import identity
+from core.config import SEARCHPATH, ConfigError, validate
 from sweeps.grid import Point, expand
 
 
@@ -23,17 +25,39 @@ from sweeps.grid import Point, expand
 class Planned:
     point: Point
     cfg: DictConfig
-    signature: str
-    action: str = "new"          # new | resume | skip | queued | failed (gave up: cluster.max_attempts)
+    signature: str               # the pre-training signature (core/identity.py); names the work folder
+    eval_sig: str = ""           # the evaluation signature
+    legacy_sig: str = ""         # the whole-config signature of the code before core/identity.py
+    action: str = "new"          # the point run: new | resume | skip | queued | failed (cluster.max_attempts)
     run_id: str | None = None
     status: str | None = None    # status of the existing run, if any
     slurm_jobs: tuple = ()       # SLURM array tasks recorded on the existing run
+    pretrain: str = "new"        # new | resume | reuse (a finished one) | after (one that still runs) | done
+    evaluate: str = "new"        # new | skip
+    checkpoint: str | None = None     # reuse / after: the checkpoint file the evaluation reads
+    pretrained_by: str | None = None  # reuse / after: the run that trains it
+    after: object = None         # after: the Planned of this launch that pre-trains it, or a SLURM task "JOB_I"
+    workdir: str | None = None   # an existing run's folder name, when it is not <signature>-<run> (old runs)
 
     failures: int = 0            # times the existing run ended FAILED
 
     @property
     def workdir_name(self) -> str:
-        return f"{self.signature}-{self.run_id[:8]}"
+        return self.workdir or f"{self.signature}-{self.run_id[:8]}"
+
+    @property
+    def phase(self) -> str:
+        """What the point's job does: `evaluate` only (on another run's pre-training), or `all`."""
+        return "evaluate" if self.pretrain in ("reuse", "after") else "all"
+
+    def identity_tags(self, root) -> dict:
+        """The run's identity tags (core/tracking.py create_point_run); `root`: the experiment's run folder."""
+        from pathlib import Path
+        tags = {"pretrain_signature": self.signature, "eval_signature": self.eval_sig,
+                "workdir": str(Path(root).resolve() / self.workdir_name)}
+        if self.phase == "evaluate":
+            tags.update(pretrained_by=self.pretrained_by, pretrained_checkpoint=self.checkpoint)
+        return tags
 
 
 def override_key(o: str) -> str:
@@ -171,44 +195,142 @@ def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]
         except ConfigError as e:
             raise ConfigError(e.key, e.value, str(e).split(": ", 1)[1].rstrip("."),
                               f"(sweep {name}, point '{p.label}', seed {p.seed})") from None
-        sig = signature(pc)
+        sigs = identity.pretrain_signature(pc), identity.eval_signature(pc), identity.legacy_signature(pc)
         if pc.tracking.get("uri"):  # params, config.yaml and manifests never hold a password
             pc.tracking.uri = tracking.redact(pc.tracking.uri)
-        planned.append(Planned(p, pc, sig))
+        planned.append(Planned(p, pc, *sigs))
     return name, planned
 
 
-def decide(planned: list[Planned], existing: dict) -> None:
-    """FINISHED -> skip; FAILED cluster.max_attempts times -> failed (not run unless retry_failed=true);
-    any other existing run of the signature -> resume into it; none -> new."""
+def match(planned: list[Planned], runs: list) -> dict:
+    """{id(planned): its point run} among `runs` (oldest first; the latest wins): same (pre-training,
+    evaluation) signatures, or, for a run tracked before core/identity.py (no pretrain_signature tag), the same
+    legacy signature (the compatibility rule)."""
+    pairs, legacy = {}, {}
+    for r in runs:
+        t = r.data.tags
+        if t.get(tracking.TAG + "kind") != "point":
+            continue
+        if t.get(tracking.TAG + "pretrain_signature"):
+            pairs[(t[tracking.TAG + "pretrain_signature"], t.get(tracking.TAG + "eval_signature"))] = r
+        elif t.get(tracking.TAG + "signature"):
+            legacy[t[tracking.TAG + "signature"]] = r
+    out = {}
     for pl in planned:
-        run = existing.get(pl.signature)
+        run = pairs.get((pl.signature, pl.eval_sig)) or legacy.get(pl.legacy_sig)
+        if run is not None:
+            out[id(pl)] = run
+    return out
+
+
+def decide(planned: list[Planned], runs: list, trained: list = ()) -> None:
+    """The rules of core/identity.py. `runs`: the sweep's point runs; `trained`: the store's runs that
+    pre-train themselves (core.tracking.pretrainings), where finished pre-trainings are looked up.
+
+    The point run: FINISHED -> skip; FAILED cluster.max_attempts times -> failed (not run unless
+    retry_failed=true); any other -> resume into it; none -> new. Its pre-training: a finished
+    one of the same pre-training signature anywhere in the store -> reuse (evaluate only); else the first
+    point of this plan that pre-trains that signature does it (resume if its own run has a checkpoint) and the
+    others evaluate after it; else new."""
+    found = match(planned, runs)
+    finished = {}
+    for r in trained:  # oldest first: the latest finished one wins
+        if tracking.finished_checkpoint(r):
+            finished[r.data.tags[tracking.TAG + "pretrain_signature"]] = r
+    trainers: dict[str, Planned] = {}
+    for pl in planned:  # 1: existing runs; a run that pre-trains itself keeps doing so
+        run = found.get(id(pl))
         if run is None:
             continue
+        tags = run.data.tags
         pl.run_id, pl.status = run.info.run_id, run.info.status
-        pl.failures = int(run.data.tags.get(tracking.TAG + "failures", "0"))
-        pl.action = "skip" if run.info.status == tracking.FINISHED else "resume"
-        if (pl.action == "resume" and run.info.status == "FAILED" and not pl.cfg.get("retry_failed")
+        pl.slurm_jobs = tuple(v for k, v in tags.items() if k.startswith(tracking.TAG + "slurm_job_"))
+        if tags.get(tracking.TAG + "workdir"):
+            pl.workdir = Path(tags[tracking.TAG + "workdir"]).name
+        elif tracking.TAG + "pretrain_signature" not in tags:  # an old run: its folder used the legacy signature
+            pl.workdir = f"{tags.get(tracking.TAG + 'signature')}-{pl.run_id[:8]}"
+        if run.info.status == tracking.FINISHED:
+            pl.action, pl.pretrain, pl.evaluate = "skip", "done", "skip"
+            continue
+        pl.action = "resume"
+        pl.failures = int(tags.get(tracking.TAG + "failures", "0"))
+        if (run.info.status == "FAILED" and not pl.cfg.get("retry_failed")
                 and pl.failures >= pl.cfg.cluster.get("max_attempts", 3)):
-            pl.action = "failed"
-        pl.slurm_jobs = tuple(v for k, v in run.data.tags.items() if k.startswith(tracking.TAG + "slurm_job_"))
+            pl.action = "failed"  # gave up: not run, not a trainer others wait for
+            continue
+        if not tags.get(tracking.TAG + "pretrained_by"):
+            pl.pretrain = "resume"
+            trainers.setdefault(pl.signature, pl)
+    for pl in planned:  # 2: who pre-trains the others
+        if pl.action in ("skip", "failed") or pl.pretrain == "resume":
+            continue
+        done = finished.get(pl.signature)
+        if done is not None:
+            pl.pretrain, pl.pretrained_by = "reuse", done.info.run_id
+            pl.checkpoint = tracking.finished_checkpoint(done)
+        elif pl.signature in trainers:
+            pl.pretrain, pl.after = "after", trainers[pl.signature]
+        else:
+            pl.pretrain = "new"
+            trainers[pl.signature] = pl
 
 
-def skip_queued(planned: list[Planned]) -> None:
-    """Points whose SLURM task is still pending or running are left alone (one squeue/sacct call)."""
+def resolve_after(planned: list[Planned], root) -> None:
+    """Once the runs exist: the checkpoint an `after` point evaluates is its trainer's (in this launch)."""
+    from pathlib import Path
+    for pl in planned:
+        if pl.pretrain == "after" and isinstance(pl.after, Planned):
+            pl.pretrained_by = pl.after.run_id
+            pl.checkpoint = str(Path(root).resolve() / pl.after.workdir_name / "checkpoint.pt")
+
+
+def skip_queued(planned: list[Planned], trained: list = ()) -> None:
+    """SLURM only (one squeue/sacct call): points whose task is still pending or running are left alone, and
+    a pre-training that a task of an earlier launch (any sweep) is still running is waited for, not repeated:
+    the points that would pre-train it evaluate after that task instead."""
     from cluster.slurm import ACTIVE, queue_states
+    live_runs = [r for r in trained if r.info.status in ("SCHEDULED", "RUNNING")
+                 and not tracking.finished_checkpoint(r) and r.data.tags.get(tracking.TAG + "workdir")]
+    task_of = lambda r: next((v for k, v in r.data.tags.items()  # noqa: E731
+                              if k in (tracking.TAG + "slurm_job_all", tracking.TAG + "slurm_job_pretrain")), None)
     jobs = [j for pl in planned if pl.action == "resume" for j in pl.slurm_jobs]
+    jobs += [task_of(r) for r in live_runs if task_of(r)]
     states = queue_states(jobs)
     for pl in planned:
         live = [states[j] for j in pl.slurm_jobs if states.get(j) in ACTIVE]
         if pl.action == "resume" and live:
             pl.action, pl.status = "queued", live[0]
+    for pl in planned:  # a trainer of this plan whose own task still runs: the others wait for that task
+        t = pl.after
+        if pl.pretrain == "after" and isinstance(t, Planned) and t.action == "queued":
+            pl.after = next((j for j in t.slurm_jobs if states.get(j) in ACTIVE), None)
+    running = {}  # pre-training signature -> (run, its live task)
+    for r in live_runs:
+        if states.get(task_of(r)) in ACTIVE:
+            running[r.data.tags[tracking.TAG + "pretrain_signature"]] = (r, task_of(r))
+    for pl in planned:
+        trainer = pl.after if isinstance(pl.after, Planned) else pl
+        if pl.action in ("skip", "queued") or pl.pretrain not in ("new", "after") or trainer.pretrain != "new":
+            continue
+        if trainer.signature in running and trainer.run_id is None:
+            run, task = running[trainer.signature]
+            pl.pretrain, pl.after, pl.pretrained_by = "after", task, run.info.run_id
+            pl.checkpoint = str(Path(run.data.tags[tracking.TAG + "workdir"]) / "checkpoint.pt")
 
 
 def print_plan(name: str, planned: list[Planned], uri: str, file=sys.stdout) -> None:
+    """One line per point: what happens to its run, its pre-training and its evaluation."""
     print(f"sweep {name}: {len(planned)} point(s), tracking {tracking.redact(uri)}", file=file)
     for pl in planned:
         extra = f" ({pl.status.lower()} run {pl.run_id[:8]})" if pl.run_id else ""
+        if pl.pretrain == "reuse":
+            pre = f"reuse (run {pl.pretrained_by[:8]})"
+        elif pl.pretrain == "after":
+            by = pl.after.point.label if isinstance(pl.after, Planned) else f"task {pl.after}"
+            pre = f"after {by}" + (f" (run {pl.pretrained_by[:8]})" if pl.pretrained_by else "")
+        else:
+            pre = pl.pretrain
         if pl.action == "failed":
             extra = f" (run {pl.run_id[:8]} failed {pl.failures} times; not run again: retry_failed=true retries it)"
-        print(f"  {pl.action:6s} {pl.point.label:24s} seed={pl.point.seed} sig={pl.signature}{extra}", file=file)
+        print(f"  {pl.action:6s} {pl.point.label:24s} seed={pl.point.seed} sig={pl.signature} "
+              f"pretrain {pre}, evaluate {pl.evaluate}{extra}", file=file)

@@ -78,7 +78,7 @@ def test_smoke_sweep_runs_as_one_array_then_relaunch_submits_nothing(slurm_clust
 
     after = run_cli(*args)
     assert after.returncode == 0
-    assert "nothing to do" in after.stdout and after.stdout.count("skip") == 4
+    assert "nothing to do" in after.stdout and len(re.findall(r"^  skip ", after.stdout, re.M)) == 4
 
 
 def test_only_the_failed_point_is_resubmitted(slurm_cluster, mlflow_server, tmp_path):
@@ -274,3 +274,48 @@ def test_hydra_multirun_over_slurm_runs_each_point_through_the_launch_path(slurm
     assert len(_point_runs(uri, "mimsweep")) == 2                        # skipped: no new run
     logs2 = sorted((tmp_path / "multirun").rglob(".submitit/*/*_log.out"))
     assert sum("nothing to do" in p.read_text() for p in logs2) == 2
+
+
+def test_an_evaluation_change_submits_only_evaluation_arrays_chained_after_running_pretrainings(
+        slurm_cluster, mlflow_server, tmp_path):
+    """While a sweep's pre-trainings still run, a launch with another evaluation waits for them (afterok on
+    each task) instead of pre-training again; once they finished, a further change is one evaluation array."""
+    base = ["sweeps/run.py", "sweep=mcm_recon_range", *TINY, *SMALL, "cluster.eval.cpus_per_task=1",
+            "cluster.eval.mem_gb=2", "pretrain.epochs=20", "pretrain.max_steps=120",  # long enough to launch again
+            f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_identity",
+            f"output_root={tmp_path}"]
+    first = run_cli(*base)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (array,) = _queued_ids(first.stdout)
+    chained = run_cli(*base, "evaluate.linear.epochs=3")           # the pre-training tasks are still queued/running
+    assert chained.returncode == 0, chained.stdout + chained.stderr
+    plan = [ln for ln in chained.stdout.splitlines() if ln.startswith("  new ")]
+    assert len(plan) == 2 and all(f"pretrain after task {array}_" in ln for ln in plan), chained.stdout
+    waiting = _queued_ids(chained.stdout)
+    assert len(waiting) == 2                                       # one evaluation array per pre-training task
+    for job in waiting:
+        dep = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        assert re.search(rf"Dependency=afterok:{array}_\d", dep) or "Dependency=(null)" in dep, dep  # or already met
+    runs = _wait_runs(mlflow_server, "slurm_identity", 4)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    c = MlflowClient(mlflow_server)
+    trainers = {r.info.run_id: r for r in runs if "mimsweep.checkpoint" in r.data.tags}
+    evaluators = [r for r in runs if "mimsweep.pretrained_by" in r.data.tags]
+    assert len(trainers) == 2 and len(evaluators) == 2
+    for r in evaluators:
+        assert r.data.tags["mimsweep.pretrained_by"] in trainers
+        assert r.data.tags["mimsweep.slurm_job_evaluate"].split("_")[0] in waiting
+        assert c.get_metric_history(r.info.run_id, "train_loss") == [] and "linear_top1" in r.data.metrics
+        assert r.data.metrics["knn_top1"] == trainers[r.data.tags["mimsweep.pretrained_by"]].data.metrics["knn_top1"]
+
+    later = run_cli(*base, "evaluate.linear.epochs=4")             # all pre-trainings finished: reuse them
+    assert later.returncode == 0, later.stdout + later.stderr
+    assert "queued 2 point(s) as 1 array job(s)" in later.stdout, later.stdout
+    assert sum("pretrain reuse (run" in ln for ln in later.stdout.splitlines()) == 2
+    (ev,) = _queued_ids(later.stdout)
+    runs = _wait_runs(mlflow_server, "slurm_identity", 6)
+    new = [r for r in runs if r.data.params.get("evaluate.linear.epochs") == "4"]
+    assert len(new) == 2 and {r.info.status for r in new} == {"FINISHED"}
+    assert all(r.data.tags["mimsweep.slurm_job_evaluate"].startswith(ev + "_") for r in new)
+    assert all(c.get_metric_history(r.info.run_id, "train_loss") == [] for r in new)
+    assert sum("mimsweep.checkpoint" in r.data.tags for r in runs) == 2   # pre-trained twice in all: 0 more
