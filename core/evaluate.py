@@ -34,6 +34,12 @@ def progress(total: int, desc: str):
                 disable=os.environ.get("MIMSWEEP_PROGRESS", "1") == "0")
 
 
+def say(protocol: str, results: dict, t0: float) -> None:
+    """One plain line per finished protocol (SLURM logs have no progress bars)."""
+    shown = ", ".join(f"{k}={v:.2f}" for k, v in results.items() if not k.endswith("_wall_s") and "_lr/" not in k)
+    print(f"evaluate {protocol}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 def arch_kwargs(encoder) -> dict:
     """The constructor arguments of a ViTEncoder (core/vit.py) without drop path: its architecture."""
     return dict(img_size=encoder.img_size, patch_size=encoder.patch_size, in_chans=encoder.in_chans,
@@ -111,8 +117,10 @@ def linear_top1(train_f, train_y, test_f, test_y, num_classes: int, epochs: int 
     return best["f"][0]
 
 
-def evaluate(encoder, cfg, train_split, test_split, device, protocols=None, workdir=None, run_id=None) -> dict:
-    """-> {metric: value} of the listed protocols (default: evaluate.protocols) on this encoder."""
+def evaluate(encoder, cfg, train_split, test_split, device, protocols=None, workdir=None, run_id=None,
+             name: str = "") -> dict:
+    """-> {metric: value} of the listed protocols (default: evaluate.protocols) on this encoder; `name`
+    prefixes its log lines (e.g. "floor ")."""
     e, n = cfg.evaluate, train_split.num_classes
     protocols = list(e.protocols if protocols is None else protocols)
     depth = encoder.depth
@@ -132,27 +140,32 @@ def evaluate(encoder, cfg, train_split, test_split, device, protocols=None, work
             results["knn_top1"] = knn_top1(train_f[default], train_y, test_f[default], test_y, n, e.knn.k,
                                            e.knn.temperature)
             results["knn_wall_s"] = extract_s + time.perf_counter() - t1
+            say(name + "knn", {"knn_top1": results["knn_top1"]}, t1 - extract_s)
         if "linear" in protocols:
             from core import linear_probe
             t1 = time.perf_counter()
-            results.update(linear_probe.run(train_f, train_y, test_f, test_y, n, cfg, depth))
-            results["linear_wall_s"] = extract_s + time.perf_counter() - t1
+            lin = linear_probe.run(train_f, train_y, test_f, test_y, n, cfg, depth)
+            results.update(lin, linear_wall_s=extract_s + time.perf_counter() - t1)
+            say(name + "linear", lin, t1 - extract_s)
         del train_f, test_f
     if "seg_linear" in protocols:
         from core import seg_probe
         t1 = time.perf_counter()
-        results.update(seg_probe.run(encoder, cfg, train_split, test_split, device))
-        results["seg_linear_wall_s"] = time.perf_counter() - t1
+        got = seg_probe.run(encoder, cfg, train_split, test_split, device)
+        results.update(got, seg_linear_wall_s=time.perf_counter() - t1)
+        say(name + "seg_linear", got, t1)
     if "finetune" in protocols:
         from core import finetune
         t1 = time.perf_counter()
-        results.update(finetune.run(encoder, cfg, train_split, test_split, device))
-        results["finetune_wall_s"] = time.perf_counter() - t1
+        got = finetune.run(encoder, cfg, train_split, test_split, device)
+        results.update(got, finetune_wall_s=time.perf_counter() - t1)
+        say(name + "finetune", got, t1)
     if "external" in protocols:
         from core import external_eval
         t1 = time.perf_counter()
-        results.update(external_eval.run(encoder, cfg, workdir, run_id))
-        results["external_wall_s"] = time.perf_counter() - t1
+        got = external_eval.run(encoder, cfg, workdir, run_id)
+        results.update(got, external_wall_s=time.perf_counter() - t1)
+        say(name + "external", got, t1)
     return results
 
 

@@ -98,7 +98,7 @@ def floor_metrics(c, run_id: str, encoder, cfg, train_split, test_split, device)
     missing = [p for p, r in found.items() if r is None]
     if missing:  # one evaluation of the untrained encoder for all of them (k-NN and linear share features)
         fresh = floor_encoder(encoder, cfg.seed).to(device)
-        computed = evaluate(fresh, cfg, train_split, test_split, device, protocols=missing)
+        computed = evaluate(fresh, cfg, train_split, test_split, device, protocols=missing, name="floor ")
         for p in missing:
             mine = of_protocol(computed, p)
             runs[p] = store_floor(c, exp_id, keys[p], p, mine, cfg, run_id)

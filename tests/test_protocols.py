@@ -315,8 +315,9 @@ def test_evaluation_shows_progress(compose, splits, capfd, monkeypatch):
     monkeypatch.setenv("MIMSWEEP_PROGRESS", "1")
     cfg = compose(*TINY, "data.train_limit=64", "data.test_limit=32", "evaluate.linear.epochs=1")
     evaluate(floor_of(trained_encoder()), cfg, load_split(cfg.data, "train"), load_split(cfg.data, "test"), CPU)
-    err = capfd.readouterr().err
+    out, err = capfd.readouterr()
     assert "features (train)" in err and "features (test)" in err and "linear probes" in err
+    assert "evaluate knn: knn_top1=" in out and "evaluate linear: linear_top1/l8/mean=" in out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
