@@ -332,3 +332,15 @@ def test_every_protocol_runs_on_the_gpu(compose, splits):
     assert feats[(7, "mean")].device.type == "cuda" and labels.device.type == "cuda"
     got = ev.evaluate(enc, cfg, *splits, cuda)
     assert got["linear_top1"] > 60 and got["seg_miou"] > 20 and got["finetune_top1"] > 30
+
+
+@pytest.mark.parametrize("method", ["mcm", "mae", "semanticmim"])
+def test_floor_encoder_is_the_methods_own_init(compose, method):
+    """The cached floor depends on no method, yet it is the very encoder build_model(cfg) starts from
+    (so floors measured before the cache are the same numbers)."""
+    from core.floors import floor_encoder
+    from core.train import build_model
+    cfg = compose(f"method={method}", "method.target=pixel", "method.num_proxies=2" if method == "semanticmim" else "seed=3")
+    enc = build_model(cfg).encoder
+    sd, fresh = enc.state_dict(), floor_encoder(enc, cfg.seed).state_dict()
+    assert sd.keys() == fresh.keys() and all(torch.equal(sd[k], fresh[k]) for k in sd)
