@@ -188,16 +188,96 @@ def validate(cfg) -> None:
     check_number(cfg, "pretrain.checkpoint_every", 1, integer=True)
     check_number(cfg, "pretrain.log_every", 1, integer=True)
 
-    check_in(cfg, "evaluate.pool", ("mean", "cls"))
-    check_number(cfg, "evaluate.layer", -m.depth, m.depth - 1, integer=True)
-    check_number(cfg, "evaluate.knn.k", 1, integer=True)
-    check_number(cfg, "evaluate.knn.temperature", 0, lo_open=True)
-    check_number(cfg, "evaluate.linear.epochs", 1, integer=True)
-    check_number(cfg, "evaluate.linear.lr", 0, lo_open=True)
+    _validate_evaluate(cfg)
     check_number(cfg, "tracking.outage_wait_s", 0, optional=True)
     check_in(cfg, "task", ("train", "flops"))
     check_in(cfg, "device", ("auto", "cpu", "cuda"))
     check_number(cfg, "seed", 0, integer=True)
+
+
+def check_list(cfg, key: str, ok, allowed: str, nonempty: bool = True) -> list:
+    """A list whose every item passes ok(item); returns it as a plain list."""
+    v = OmegaConf.select(cfg, key)
+    v = list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else v
+    check(isinstance(v, list) and (len(v) > 0 or not nonempty) and all(ok(x) for x in v), key, v, allowed)
+    return v
+
+
+def _validate_evaluate(cfg) -> None:
+    """The `evaluate` group; a protocol's own keys only when it is asked for (core/evaluate.py)."""
+    from core.evaluate import PROTOCOLS
+    depth = cfg.model.depth
+    is_layer = lambda x: isinstance(x, int) and not isinstance(x, bool) and -depth <= x < depth  # noqa: E731
+    protocols = check_list(cfg, "evaluate.protocols", lambda p: p in PROTOCOLS,
+                           "must be a list of " + ", ".join(PROTOCOLS), nonempty=False)
+    check(len(set(protocols)) == len(protocols), "evaluate.protocols", protocols, "must not repeat a protocol")
+    check_in(cfg, "evaluate.pool", ("mean", "cls"))
+    check_number(cfg, "evaluate.layer", -depth, depth - 1, integer=True)
+    check_number(cfg, "evaluate.batch_size", 1, integer=True)
+    if "knn" in protocols:
+        check_number(cfg, "evaluate.knn.k", 1, integer=True)
+        check_number(cfg, "evaluate.knn.temperature", 0, lo_open=True)
+    if "linear" in protocols:
+        check_list(cfg, "evaluate.linear.layers", is_layer, f"must be a list of block indices in [{-depth}, {depth - 1}]")
+        check_list(cfg, "evaluate.linear.pools", lambda p: p in ("mean", "cls"), "must be a list of mean, cls")
+        check_list(cfg, "evaluate.linear.lrs", lambda x: is_number(x) and x > 0, "must be a list of numbers > 0")
+        check_number(cfg, "evaluate.linear.epochs", 1, integer=True)
+        check_number(cfg, "evaluate.linear.warmup_epochs", 0, cfg.evaluate.linear.epochs)
+        check_number(cfg, "evaluate.linear.batch_size", 2, integer=True)
+        check_number(cfg, "evaluate.linear.weight_decay", 0)
+        check_in(cfg, "evaluate.linear.optimizer", ("sgd", "lars"))
+    if "finetune" in protocols:
+        f = "evaluate.finetune."
+        check_number(cfg, f + "epochs", 1, integer=True)
+        check_number(cfg, f + "warmup_epochs", 0, cfg.evaluate.finetune.epochs)
+        check_number(cfg, f + "batch_size", 2, integer=True)
+        check_number(cfg, f + "base_lr", 0, lo_open=True)
+        check_number(cfg, f + "min_lr", 0)
+        check_number(cfg, f + "weight_decay", 0)
+        check_number(cfg, f + "layer_decay", 0, 1, lo_open=True)
+        check_number(cfg, f + "drop_path", 0, 1, hi_open=True)
+        check_number(cfg, f + "label_smoothing", 0, 1, hi_open=True)
+        check_number(cfg, f + "mixup", 0)
+        check_number(cfg, f + "cutmix", 0)
+        check_in(cfg, f + "pool", ("mean", "cls"))
+        check_pair(cfg, f + "crop_scale", lambda lo, hi: 0 < lo <= hi <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1")
+        ra = cfg.evaluate.finetune.rand_augment
+        if ra is not None:
+            from timm.data.auto_augment import rand_augment_transform
+            try:
+                ok = isinstance(ra, str) and ra.startswith("rand") and rand_augment_transform(ra, {}) is not None
+            except Exception:  # noqa: BLE001 - timm raises assorted errors on a malformed spec
+                ok = False
+            check(ok, f + "rand_augment", ra, "must be a timm RandAugment spec such as rand-m9-mstd0.5-inc1, or null")
+    if "seg_linear" in protocols:
+        s = "evaluate.seg_linear."
+        check_number(cfg, s + "layer", -depth, depth - 1, integer=True)
+        check_number(cfg, s + "epochs", 1, integer=True)
+        check_number(cfg, s + "lr", 0, lo_open=True)
+        check_number(cfg, s + "batch_size", 1, integer=True)
+        check_number(cfg, s + "train_limit", 1, integer=True, optional=True)
+        check_number(cfg, s + "fg_threshold", 0, 1, lo_open=True, hi_open=True)
+        check_in(cfg, s + "layout", ("auto", "voc", "ade20k"))
+        if cfg.data.source not in ("embedded", "fashion_mnist"):  # per-pixel labels from a folder
+            root = cfg.evaluate.seg_linear.root
+            check(root is not None and Path(str(root)).is_dir(), s + "root", root,
+                  "must be a PascalVOC or ADE20K folder when data.source has no per-pixel labels")
+            check_number(cfg, s + "num_classes", 2, 255, integer=True, hi_open=True)
+    if "external" in protocols:
+        import shlex
+        x = cfg.evaluate.external
+        command = x.command
+        check(isinstance(command, str) and command.strip() != "", "evaluate.external.command", command,
+              "must be a command line; {checkpoint}, {output_dir} and {run_id} are substituted")
+        check(isinstance(x.shell, bool), "evaluate.external.shell", x.shell, "must be true or false")
+        try:
+            shlex.split(command)
+        except ValueError as e:
+            check(False, "evaluate.external.command", command, f"must split into arguments ({e})")
+        check(isinstance(x.metrics_file, str) and x.metrics_file.strip() != "", "evaluate.external.metrics_file",
+              x.metrics_file, "must be a file path (placeholders allowed)")
+        check(isinstance(x.prefix, str), "evaluate.external.prefix", x.prefix, "must be a string (may be empty)")
+        check_number(cfg, "evaluate.external.timeout_s", 0, lo_open=True)
 
 
 def check_pair(cfg, key: str, ok, allowed: str) -> None:

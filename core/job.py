@@ -9,6 +9,7 @@ torchrun's WORLD_SIZE), each process trains a shard of every batch under Distrib
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -154,10 +155,13 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
             tracking.patiently(log_artifacts, c, run_id, model, teacher, test_split, cfg, device, wait_s=wait,
                                what="artifacts")
         if phase != "pretrain" and lead:
-            results = evaluate(model.encoder, cfg, train_split, test_split, device)
-            if cfg.evaluate.floor:  # same architecture and seed, untrained: what pre-training has to beat
-                floor = evaluate(build_model(cfg, teacher).encoder.to(device), cfg, train_split, test_split, device)
-                results.update({f"floor_{k}": v for k, v in floor.items()})
+            results = evaluate(model.encoder, cfg, train_split, test_split, device, workdir=workdir, run_id=run_id)
+            if cfg.evaluate.floor:  # same architecture and seed, untrained: computed once per key (core/floors.py)
+                from core.floors import floor_metrics
+                floor, floor_runs = floor_metrics(c, run_id, model.encoder, cfg, train_split, test_split, device)
+                results.update(floor)
+                if floor_runs:
+                    log.tag("floor_runs", json.dumps(floor_runs, sort_keys=True))
         if phase != "evaluate" and stats["steps"] > stats["resumed_from"]:
             # epoch_s: one pass over the training split at this run's measured rate (MaskAlign Tab. 7)
             results.update(pretrain_wall_s=stats["wall_s"], pretrain_img_s=stats["img_per_s"],
