@@ -73,7 +73,8 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     checks.tracking_uri(uri, shown)
     c = check_tracking(uri, create=False, shown=raw_uri)            # read only: a dry run must create nothing
     exp_id = tracking.find_experiment(c, exp_name)
-    trained = tracking.pretrainings(c) if c is not None else []   # finished pre-trainings: the whole store
+    # finished pre-trainings: the whole store (runs of older versions migrated once; a dry run writes nothing)
+    trained = tracking.pretrainings(c, write=not cfg.dry_run) if c is not None else []
     decide(planned, tracking.point_runs(c, exp_id, name) if exp_id else [], trained)
     arrays = []
     todo = _todo(planned)

@@ -220,7 +220,7 @@ def point_runs(c, exp_id: str, sweep: str | None = None) -> list:
     return [r for r in _search_all(c, [exp_id], flt) if r.data.tags.get(TAG + "kind") == "point"]
 
 
-def pretrainings(c) -> list:
+def pretrainings(c, write: bool = True) -> list:
     """Every point run of the store (all experiments) that pre-trains itself, oldest first: the candidates
     a point of any sweep may reuse (core/identity.py). Runs that only evaluate another's checkpoint are left out."""
     exp_ids, token = [], None
@@ -233,8 +233,51 @@ def pretrainings(c) -> list:
     runs = []
     for i in range(0, len(exp_ids), 100):
         runs += _search_all(c, exp_ids[i:i + 100], f"tags.`{TAG}pretrain_signature` LIKE '%'")
+        runs += migrate_legacy(c, exp_ids[i:i + 100], write)
     runs.sort(key=lambda r: r.info.start_time or 0)
     return [r for r in runs if r.data.tags.get(TAG + "kind") == "point" and not r.data.tags.get(TAG + "pretrained_by")]
+
+
+def migrate_legacy(c, exp_ids: list[str], write: bool = True) -> list:
+    """The migration of FINISHED point runs tracked before core/identity.py (only `mimsweep.signature`):
+    their pre-training and evaluation signatures, work folder and checkpoint are worked out from their own
+    `config.yaml` artifact (the resolved config the old code stored) and written as the tags the current
+    code sets (`write`; a dry run only adds them in memory), with `mimsweep.identity_migrated`. From then on
+    they are pre-trainings like any other: a point whose evaluation changed evaluates their checkpoint
+    instead of pre-training again. Returns those runs."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from core import identity
+    found = _search_all(c, exp_ids, f"tags.`{TAG}kind` = 'point' and attributes.status = 'FINISHED'")
+    out, names = [], {}
+    for r in found:
+        tags = r.data.tags
+        if tags.get(TAG + "pretrain_signature") or not tags.get(TAG + "signature") or tags.get(TAG + "pretrained_by"):
+            continue
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = OmegaConf.create(Path(c.download_artifacts(r.info.run_id, "config.yaml", tmp)).read_text())
+            if r.info.experiment_id not in names:
+                names[r.info.experiment_id] = c.get_experiment(r.info.experiment_id).name
+            workdir = (Path(cfg.output_root).resolve() / "runs" / names[r.info.experiment_id]
+                       / f"{tags[TAG + 'signature']}-{r.info.run_id[:8]}")
+            new = {TAG + "pretrain_signature": identity.pretrain_signature(cfg),
+                   TAG + "eval_signature": identity.eval_signature(cfg), TAG + "workdir": str(workdir),
+                   TAG + "identity_migrated": "from config.yaml"}
+        except Exception as e:  # noqa: BLE001 - no config.yaml, a method this code lacks: leave it as it was
+            print(f"note: run {r.info.run_id[:8]} (tracked by an older mimsweep) keeps its old identity: "
+                  f"{type(e).__name__}: {str(e)[:120]}")
+            continue
+        if (workdir / "checkpoint.pt").is_file():
+            new[TAG + "checkpoint"] = str(workdir / "checkpoint.pt")
+        if write:
+            for k, v in new.items():
+                c.set_tag(r.info.run_id, k, v)
+        r.data.tags.update(new)
+        out.append(r)
+    return out
 
 
 def finished_checkpoint(run) -> str | None:

@@ -227,3 +227,54 @@ def test_runs_tracked_before_the_change_are_skipped_or_resumed(tmp_path):
     assert rep.returncode == 0 and "2/2 point(s)" in rep.stderr, rep.stdout + rep.stderr
     again = run_cli("sweeps/run.py", *args)
     assert "nothing to do" in again.stdout, again.stdout
+
+
+OLD_EVALUATE = """pool: mean
+layer: -1
+knn:
+  k: 20
+  temperature: 0.07
+linear:
+  epochs: 1
+  lr: 0.1
+  batch_size: 256
+  weight_decay: 0.0
+floor: false
+batch_size: 256
+"""
+
+
+def test_finished_runs_of_an_older_version_are_migrated_and_their_pretraining_reused(tmp_path):
+    """A finished point as the version before run identities left it: only `mimsweep.signature`, its
+    config.yaml with that version's `evaluate` group (one linear lr), its checkpoint in `<signature>-<run>`.
+    The current evaluation config differs, so the point is evaluated again, on that checkpoint: no
+    pre-training, and the old run is tagged with its worked-out identity (a migration, done once)."""
+    from omegaconf import OmegaConf
+    args = [*TINY, "method.target=norm_pixel", "pretrain.max_steps=4", "data.train_limit=256",
+            "data.test_limit=64", "evaluate.linear.epochs=1", f"output_root={tmp_path}"]
+    assert run_cli("sweeps/run.py", *args).returncode == 0
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    (run,) = _points(uri, "mimsweep")
+    rid, tags = run.info.run_id, run.data.tags
+    for k in ("pretrain_signature", "eval_signature", "workdir", "checkpoint"):   # what the old code never set
+        c.delete_tag(rid, "mimsweep." + k)
+    cfg = OmegaConf.create(Path(c.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text())
+    cfg.evaluate = OmegaConf.create(OLD_EVALUATE)
+    c.log_text(rid, OmegaConf.to_yaml(cfg), "config.yaml")
+    old_dir = Path(tags["mimsweep.workdir"]).with_name(f"{tags['mimsweep.signature']}-{rid[:8]}")
+    Path(tags["mimsweep.workdir"]).rename(old_dir)
+
+    res = run_cli("sweeps/run.py", *args)
+    assert res.returncode == 0, res.stdout + res.stderr
+    line = _plan_lines(res.stdout)["default"]
+    assert line.split()[0] == "new" and f"pretrain reuse (run {rid[:8]})" in line, res.stdout
+    old, new = sorted(_points(uri, "mimsweep"), key=lambda r: r.info.start_time)
+    assert old.info.run_id == rid
+    assert old.data.tags["mimsweep.identity_migrated"] == "from config.yaml"
+    assert old.data.tags["mimsweep.checkpoint"] == str(old_dir / "checkpoint.pt")
+    assert old.data.tags["mimsweep.pretrain_signature"] == tags["mimsweep.pretrain_signature"]  # same as today's
+    assert new.data.tags["mimsweep.pretrained_by"] == rid and new.info.status == "FINISHED"
+    assert not c.get_metric_history(new.info.run_id, "train_loss")   # nothing pre-trained
+    assert "linear_top1" in new.data.metrics
+    assert "nothing to do" in run_cli("sweeps/run.py", *args).stdout
