@@ -16,12 +16,9 @@ the launch with a message naming the key, with no half-launched sweep left behin
 """
 from __future__ import annotations
 
-import json
-import shutil
 import signal
-import subprocess
-import threading
 import sys
+import threading
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -29,7 +26,7 @@ from omegaconf import DictConfig
 from cluster import checks
 from core import tracking
 from core.config import ConfigError
-from sweeps.plan import Planned, decide, plan, print_plan, resolve_after, skip_queued, user_overrides
+from sweeps.plan import Planned, decide, plan, print_plan, resolve_after, user_overrides
 
 
 class LaunchError(RuntimeError):
@@ -76,35 +73,15 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     # finished pre-trainings: the whole store (runs of older versions migrated once; a dry run writes nothing)
     trained = tracking.pretrainings(c, write=not cfg.dry_run) if c is not None else []
     decide(planned, tracking.point_runs(c, exp_id, name) if exp_id else [], trained)
-    arrays = []
     todo = _todo(planned)
     # every point to pre-train holds one checkpoint, one more is being written at a time, + 64 MiB (store, logs)
     sizes = [checks.checkpoint_bytes(pl.cfg) for pl in todo if pl.phase == "all"]
     checks.output_folder(cfg.output_root, sum(sizes) + max(sizes, default=0) + 64 * 2 ** 20 if todo else None)
-    if backend == "slurm":
-        from cluster import slurm, snapshot
-        snap = snapshot.plan(cfg.output_root)          # the tasks run this copy of the code, not the live tree
-        if not cfg.dry_run or shutil.which("sbatch"):
-            max_array = slurm.preflight(cfg.cluster)
-            if not cfg.dry_run:
-                skip_queued(planned, trained)
-                todo = _todo(planned)
-            arrays = slurm.prepare(todo, cfg.cluster, root, name, max_array, snap.path)
-            if arrays:
-                slurm.test_only(arrays[0]["script"])   # before any MLflow run exists
-        else:
-            arrays = slurm.prepare(todo, cfg.cluster, root, name, 1001, snap.path)
-        if uri.startswith("sqlite"):
-            print("note: SLURM tasks will write to a SQLite file. That is fine on one machine; on a cluster's shared "
-                  "filesystem many writers corrupt it: use a tracking server (tracking.uri=http://HOST:5000).")
+    runner = backend_for(cfg, uri, root, name, task_overrides, raw_uri)
+    todo = runner.prepare(planned, todo, trained)          # read only: scheduler checks, final list
     print_plan(name, planned, shown)
     if cfg.dry_run:
-        for a in arrays:
-            print(f"--- sbatch script ({a['phase']}, {a['tasks']} task(s)) ---\n{a['script']}")
-        if arrays:
-            print(f"dry run: {len(arrays)} sbatch call(s) for {len(todo)} point(s); nothing was submitted.")
-        else:
-            print("dry run: nothing was started.")
+        print(runner.describe(todo))
         return 0
     given_up = [pl for pl in planned if pl.action == "failed"]
     if given_up:
@@ -130,24 +107,8 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         resolve_after(planned, root)
         for pl in todo:  # the identity tags (core/identity.py); old runs resumed here get them too
             _tag_identity(c, pl, root)
-        if backend == "slurm":
-            snapshot.write(snap)
-            snapshot.record(c, parent, snap)
-            return _submit_slurm(c, parent, todo, arrays, cfg, uri, root, name, handed_over)
-        from cluster.local import print_summary, run_all
-        rows = run_all(todo, uri, root)
-        handed_over.update(pl.run_id for pl in todo)   # run_point ended each of them, one way or another
-        failed = sum(r["status"] != "FINISHED" for r in rows)
-        report = None
-        if name != "single":  # the report composes the same grid: it takes the launch's overrides
-            import shlex
-            report = "python reports/build.py " + " ".join(
-                shlex.quote(tracking.redact_text(o, raw_uri)) for o in task_overrides if not o.startswith("hydra"))
-        print_summary(rows, len(planned) - len(todo), report)
-        c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed,
-                                                               "skipped": len(planned) - len(todo)}))
-        tracking.set_status(c, parent, "FAILED" if failed else "FINISHED")
-        return 1 if failed or given_up else 0
+        code = runner.start(c, parent, todo, handed_over, skipped=len(planned) - len(todo))
+        return 1 if code or given_up else code
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         reason = (f"interrupted by {e.args[0] if e.args else 'Ctrl-C (SIGINT)'}" if interrupted
@@ -201,30 +162,34 @@ def _end_runs(c, parent: str | None, run_ids: list[str], reason: str, status: st
     return ok
 
 
-def _submit_slurm(c, parent: str, todo: list[Planned], arrays: list[dict], cfg, uri: str, root: Path, name: str,
-                  handed_over: set) -> int:
-    from cluster.slurm import submit_prepared
-    try:
-        submit_prepared(arrays, cfg.cluster, uri, root)
-    finally:
-        # A point belongs to its jobs once every array holding it is queued (pretrain *and* evaluate);
-        # a half-queued chunk (evaluation sbatch failed) is cancelled, and its points marked FAILED.
-        jobs: dict[str, list] = {}
-        for a in arrays:
-            for pl in a["points"]:
-                jobs.setdefault(pl.run_id, []).append(a["job_id"])
-        partial = sorted({j for ids in jobs.values() if None in ids for j in ids if j})
-        if partial:
-            subprocess.run(["scancel", *partial], capture_output=True, timeout=60)
-        handed_over.update(rid for rid, ids in jobs.items() if None not in ids)
-        for a in arrays:
-            if a["job_id"] and a["job_id"] not in partial:
-                for i, pl in enumerate(a["points"]):
-                    c.set_tag(pl.run_id, f"{tracking.TAG}slurm_job_{a['phase']}", f"{a['job_id']}_{i}")
-        ids = [a["job_id"] for a in arrays if a["job_id"] and a["job_id"] not in partial]
-        if ids:
-            c.set_tag(parent, tracking.TAG + "slurm_arrays", ",".join(ids))
-    tracking.set_status(c, parent, "FINISHED")  # the launch is done; the points report into their own runs
-    print(f"queued {len(todo)} point(s) as {len(arrays)} array job(s): {', '.join(ids)}")
-    print(f"follow them with: python cluster/status.py sweep={name}  (MLflow: {tracking.redact(uri)})")
-    return 0
+class Backend:
+    """What a launch asks of the place its points run (cluster/local.py `Local`, cluster/slurm.py `Slurm`):
+
+    - `prepare(planned, todo, trained) -> todo`: read-only checks of that place (a scheduler's tools,
+      partition, `sbatch --test-only`), before any run exists; may leave out points already queued there;
+    - `describe(todo) -> str`: what a dry run prints about what would start;
+    - `start(c, parent, todo, handed_over, skipped) -> exit code`: run or submit the points, whose runs now
+      exist; put each point whose run a job now owns into `handed_over` (the launch marks the others
+      FAILED/KILLED if it fails) and end the launch run `parent`.
+    """
+
+    def __init__(self, cfg, uri: str, root: Path, sweep: str, task_overrides: list[str], raw_uri: str):
+        self.cfg, self.uri, self.root, self.sweep = cfg, uri, root, sweep
+        self.task_overrides, self.raw_uri = task_overrides, raw_uri
+
+    def prepare(self, planned: list[Planned], todo: list[Planned], trained: list) -> list[Planned]:
+        return todo
+
+    def describe(self, todo: list[Planned]) -> str:
+        raise NotImplementedError
+
+    def start(self, c, parent: str, todo: list[Planned], handed_over: set, skipped: int) -> int:
+        raise NotImplementedError
+
+
+def backend_for(cfg, uri: str, root: Path, sweep: str, task_overrides: list[str], raw_uri: str) -> Backend:
+    if cfg.cluster.backend == "slurm":
+        from cluster.slurm import Slurm
+        return Slurm(cfg, uri, root, sweep, task_overrides, raw_uri)
+    from cluster.local import Local
+    return Local(cfg, uri, root, sweep, task_overrides, raw_uri)

@@ -59,3 +59,31 @@ def print_summary(rows: list[dict], skipped: int, report_cmd: str | None) -> Non
         print("  " + "  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
     if report_cmd:
         print(f"next: {report_cmd}")
+
+
+from cluster.launch import Backend  # noqa: E402 - the interface; cluster.launch imports this module lazily
+
+
+class Local(Backend):
+    """The points one after another in this process; ends with the summary and the report command."""
+
+    def describe(self, todo) -> str:
+        return f"dry run: nothing was started ({len(todo)} point(s) would run here, one after another)."
+
+    def start(self, c, parent, todo, handed_over, skipped) -> int:
+        import json
+        import shlex
+
+        from core import tracking
+        rows = run_all(todo, self.uri, self.root)
+        handed_over.update(pl.run_id for pl in todo)   # run_point ended each of them, one way or another
+        failed = sum(r["status"] != "FINISHED" for r in rows)
+        report = None
+        if self.sweep != "single":  # the report composes the same grid: it takes the launch's overrides
+            report = "python reports/build.py " + " ".join(
+                shlex.quote(tracking.redact_text(o, self.raw_uri)) for o in self.task_overrides
+                if not o.startswith("hydra"))
+        print_summary(rows, skipped, report)
+        c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed, "skipped": skipped}))
+        tracking.set_status(c, parent, "FAILED" if failed else "FINISHED")
+        return 1 if failed else 0

@@ -285,3 +285,73 @@ def submit(todo: list, cl, uri: str, root: Path, sweep: str, dry_run: bool = Fal
         test_only(arrays[0]["script"])
         submit_prepared(arrays, cl, uri, root)
     return arrays
+
+
+from cluster.launch import Backend  # noqa: E402 - the interface; cluster.launch imports this module lazily
+
+
+class Slurm(Backend):
+    """One job array per launch (split above MaxArraySize), run from a snapshot of the launch's code."""
+
+    def prepare(self, planned, todo, trained):
+        from cluster import snapshot
+        from sweeps.plan import skip_queued
+        self.snap = snapshot.plan(self.cfg.output_root)   # the tasks run this copy of the code, not the live tree
+        if not self.cfg.dry_run or shutil.which("sbatch"):
+            max_array = preflight(self.cfg.cluster)
+            if not self.cfg.dry_run:
+                skip_queued(planned, trained)
+                todo = sorted((pl for pl in todo if pl.action in ("new", "resume")),
+                              key=lambda pl: pl.pretrain == "after")
+            self.arrays = prepare(todo, self.cfg.cluster, self.root, self.sweep, max_array, self.snap.path)
+            if self.arrays:
+                test_only(self.arrays[0]["script"])         # before any MLflow run exists
+        else:
+            self.arrays = prepare(todo, self.cfg.cluster, self.root, self.sweep, 1001, self.snap.path)
+        if self.uri.startswith("sqlite"):
+            print("note: SLURM tasks will write to a SQLite file. That is fine on one machine; on a cluster's shared "
+                  "filesystem many writers corrupt it: use a tracking server (tracking.uri=http://HOST:5000).")
+        return todo
+
+    def describe(self, todo) -> str:
+        text = [f"--- sbatch script ({a['phase']}, {a['tasks']} task(s)) ---\n{a['script']}" for a in self.arrays]
+        if self.arrays:
+            text.append(f"dry run: {len(self.arrays)} sbatch call(s) for {len(todo)} point(s); nothing was submitted.")
+        else:
+            text.append("dry run: nothing was started.")
+        return "\n".join(text)
+
+    def start(self, c, parent, todo, handed_over, skipped) -> int:
+        from cluster import snapshot
+        snapshot.write(self.snap)
+        snapshot.record(c, parent, self.snap)
+        return _submit(c, parent, todo, self.arrays, self.cfg, self.uri, self.root, self.sweep, handed_over)
+
+
+def _submit(c, parent: str, todo: list, arrays: list[dict], cfg, uri: str, root: Path, name: str,
+            handed_over: set) -> int:
+    from core import tracking
+    try:
+        submit_prepared(arrays, cfg.cluster, uri, root)
+    finally:
+        # A point belongs to its jobs once every array holding it is queued (pretrain *and* evaluate);
+        # a half-queued chunk (evaluation sbatch failed) is cancelled, and its points marked FAILED.
+        jobs: dict[str, list] = {}
+        for a in arrays:
+            for pl in a["points"]:
+                jobs.setdefault(pl.run_id, []).append(a["job_id"])
+        partial = sorted({j for ids in jobs.values() if None in ids for j in ids if j})
+        if partial:
+            subprocess.run(["scancel", *partial], capture_output=True, timeout=60)
+        handed_over.update(rid for rid, ids in jobs.items() if None not in ids)
+        for a in arrays:
+            if a["job_id"] and a["job_id"] not in partial:
+                for i, pl in enumerate(a["points"]):
+                    c.set_tag(pl.run_id, f"{tracking.TAG}slurm_job_{a['phase']}", f"{a['job_id']}_{i}")
+        ids = [a["job_id"] for a in arrays if a["job_id"] and a["job_id"] not in partial]
+        if ids:
+            c.set_tag(parent, tracking.TAG + "slurm_arrays", ",".join(ids))
+    tracking.set_status(c, parent, "FINISHED")  # the launch is done; the points report into their own runs
+    print(f"queued {len(todo)} point(s) as {len(arrays)} array job(s): {', '.join(ids)}")
+    print(f"follow them with: python cluster/status.py sweep={name}  (MLflow: {tracking.redact(uri)})")
+    return 0
