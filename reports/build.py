@@ -56,10 +56,51 @@ def tracking_uri(cfg: DictConfig) -> str:
     return tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
 
 
+def devices(params: dict, evaluation: bool) -> int:
+    """Devices one task of this run held: the SLURM profile's GPUs per task (`cluster.eval.*` for an
+    evaluation task), 1 for a CPU job or a local run."""
+    if params.get("cluster.backend") != "slurm":
+        return 1
+    try:
+        return max(int(float(params.get("cluster.eval.gpus_per_task" if evaluation else "cluster.gpus_per_task")
+                             or 0)), 1)
+    except ValueError:  # "None": no GPUs asked for
+        return 1
+
+
+def run_device_h(metrics: dict, params: dict, evaluation_only: bool) -> float:
+    """A run's own cost in device-hours: its wall time x devices per task. A run that evaluates another's
+    pre-training costs its evaluation task; a pre-training task of its own (`pretrain_job_wall_s`, then an
+    evaluation task's `wall_s`) counts both. NaN without a wall time (runs of old versions)."""
+    wall = metrics.get("wall_s", float("nan"))
+    if evaluation_only:
+        return wall * devices(params, True) / 3600
+    if "pretrain_job_wall_s" in metrics:  # pre-training and evaluation were separate tasks
+        return (metrics["pretrain_job_wall_s"] * devices(params, False) + wall * devices(params, True)) / 3600
+    return wall * devices(params, False) / 3600
+
+
+def cost_basis(params: list[dict]) -> str:
+    """The caption's word on what a device is, from the runs' cluster profiles."""
+    said = []
+    for pr in params:
+        if pr.get("cluster.backend") != "slurm":
+            text = "1 per local run"
+        else:
+            g = devices(pr, False)
+            text = f"{g} GPU(s) per SLURM task" if str(pr.get("cluster.gpus_per_task")) not in ("0", "None") \
+                else "1 per SLURM CPU job"
+        if text not in said:
+            said.append(text)
+    return "; ".join(said)
+
+
 def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFrame:
     """One row per FINISHED point run of the plan (matched as a launch matches them: sweeps/plan.py match):
     label, seed, signature, run_id and the latest value of every metric (a run that only evaluated another's
-    pre-training also gets that run's metrics it lacks). Raises NothingToReport if the experiment is missing."""
+    pre-training also gets that run's metrics it lacks), its own `device_h`, and for such a run `pretrained_by`
+    and the trainer's `pretrain_device_h`; `attrs["cost_basis"]` says what a device is. Raises NothingToReport
+    if the experiment is missing."""
     from core import tracking
 
     c = tracking.client(uri)
@@ -75,24 +116,30 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
     found = match(planned, points)                                 # the identity rules (core/identity.py)
     used = {run.info.run_id for run in found.values() if run.info.status == tracking.FINISHED}
     others = len({r.info.run_id for r in points if r.info.status == tracking.FINISHED} - used)
-    rows, trainers = [], {}
+    rows, trainers, params = [], {}, []
     for pl in planned:
         run = found.get(id(pl))
         if run is None or run.info.status != tracking.FINISHED:
             continue
         metrics = dict(run.data.metrics)
         by = run.data.tags.get(tracking.TAG + "pretrained_by")
+        cost = {"device_h": run_device_h(metrics, run.data.params, bool(by))}
+        params.append(run.data.params)
         if by:  # evaluation only: the pre-training's own figures (pretrain_wall_s, epoch_s, ...) are its trainer's
             if by not in trainers:
                 try:
-                    trainers[by] = c.get_run(by).data.metrics
+                    t = c.get_run(by).data
+                    trainers[by] = (t.metrics, run_device_h(t.metrics, t.params, False), t.params)
                 except Exception:  # noqa: BLE001 - a deleted trainer run: its evaluation still counts
-                    trainers[by] = {}
-            metrics = {**trainers[by], **metrics}
+                    trainers[by] = ({}, float("nan"), {})
+            params.append(trainers[by][2])
+            cost.update(pretrained_by=by, pretrain_device_h=trainers[by][1])
+            metrics = {**trainers[by][0], **metrics}
         rows.append({"label": pl.point.label, "seed": pl.point.seed, "signature": pl.signature,
-                     "run_id": run.info.run_id, **metrics})
+                     "run_id": run.info.run_id, **metrics, **cost})
     runs = pd.DataFrame(rows, columns=["label", "seed", "signature", "run_id"] if not rows else None)
     runs.attrs["other_finished"] = others
+    runs.attrs["cost_basis"] = cost_basis(params)
     return runs
 
 
@@ -126,8 +173,14 @@ def describe(planned: list) -> str:
         parts.append("FLOPs per image of the transformer blocks, counted by torch's FlopCounterMode, beside "
                      "the paper's cost model")
     else:
-        parts.append(f"top-1 % on frozen {value('evaluate.pool')}-pooled features "
+        parts.append(f"k-NN / linear: top-1 % on frozen {value('evaluate.pool')}-pooled features "
                      f"(k-NN k={value('evaluate.knn.k')}, linear probe {value('evaluate.linear.epochs')} ep)")
+        protocols = {p for pl in planned for p in (OmegaConf.select(pl.cfg, "evaluate.protocols") or [])}
+        if "finetune" in protocols:
+            parts.append(f"fine-tune: {value('evaluate.finetune.epochs')} ep end to end, "
+                         f"{value('evaluate.finetune.pool')} pool")
+        if "seg_linear" in protocols:
+            parts.append(f"seg. mIoU: 1x1-conv probe on frozen block {value('evaluate.seg_linear.layer')} features")
     return "; ".join(parts) + "."
 
 
@@ -159,6 +212,12 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
         print(f"error: give sweep=NAME; available: {', '.join(available_sweeps())}", file=sys.stderr)
         return 2
     name, planned = plan(cfg, task_overrides)
+    spec = OmegaConf.to_container(cfg.sweep, resolve=True)
+    try:
+        table.check_compare(spec)  # a malformed report block stops before the store is read
+    except ValueError as e:
+        print(f"error: sweeps/conf/sweep/{name}.yaml: {e}", file=sys.stderr)
+        return 2
     experiment = cfg.tracking.experiment or name
     command = run_command(task_overrides)
     try:
@@ -175,11 +234,11 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
         return 1
 
     labels = list(dict.fromkeys(pl.point.label for pl in planned))  # grid order, one row per label
-    spec = OmegaConf.to_container(cfg.sweep, resolve=True)
-    agg = table.aggregate(runs, labels, metrics=list(table.metrics_of(spec)))
+    have = [k for k in runs.columns if pd.to_numeric(runs[k], errors="coerce").notna().any()]
+    agg = table.aggregate(runs, labels, metrics=list(table.metrics_of(spec, have)))
     try:
         rep = table.build(agg, spec, caption=describe(planned), missing=len(planned) - len(runs),
-                          expected=len(planned), run_command=command)
+                          expected=len(planned), run_command=command, cost_basis=runs.attrs.get("cost_basis", ""))
     except ValueError as e:  # a malformed report block in the spec
         print(f"error: sweeps/conf/sweep/{name}.yaml: {e}", file=sys.stderr)
         return 2

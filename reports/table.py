@@ -11,6 +11,14 @@ higher or lower is better (`report.best: highest | lowest`), and add each metric
 rows (`report.relative_to: {label: ROW, as: ratio | percent}`). The paper's columns come from the spec's
 `report.reference` (null = the paper printed no number there). Every format bolds the best value of each
 metric column and marks the paper's default row, so they all say the same thing.
+
+Paper columns and ours meet only where they measure the same thing: `report.compare: {paper column: MLflow
+key}` (e.g. `IN-1k FT top-1: finetune_top1`) puts our mean, the paper's number and the delta (ours - paper)
+side by side; the other paper columns stay paper-only. A compared metric no run has yet leaves its paper
+column paper-only and a note says which protocol fills it. Protocol metrics the runs have (`finetune_top1`,
+`seg_miou`, the linear views `linear_top1/l<block>/<pool>`, and their `floor_` twins) join the default
+columns; they are absent when no run has them. Each row also shows the device-hours its runs cost when the
+runs carry a `device_h` (and `pretrained_by` / `pretrain_device_h`: a reused pre-training is counted once).
 """
 from __future__ import annotations
 
@@ -31,9 +39,15 @@ METRICS: dict[str, str] = {
     "floor_knn_top1": "k-NN floor",
     "floor_linear_top1": "linear floor",
 }
+# Protocol metrics shown when runs have them (the linear views `linear_top1/l<block>/<pool>` are found by name).
+PROTOCOL_METRICS: dict[str, str] = {"finetune_top1": "fine-tune top-1", "seg_miou": "seg. mIoU"}
+LINEAR_VIEW = "linear_top1/"
+FLOOR = "floor_"
 PAPER = "paper: "        # prefix of the reference columns, so nobody mistakes them for ours
 MISSING = "–"            # a grid point with no finished run
 DEFAULT_MARK = " (default)"
+DELTA = "Δ "             # prefix of the ours - paper columns of `report.compare`
+COST = "device_h"         # the row's device-hours (sum, not mean)
 DECIMALS = 2             # our accuracies are percentages of a few hundred test images: 2 decimals is plenty
 
 
@@ -55,6 +69,9 @@ class Report:
     best_is: str = "highest"  # or "lowest" (times, FLOPs)
     relative_to: str | None = None   # a row label: each metric is also shown relative to that row
     relative_as: str = "ratio"       # ratio (x) | percent (change in %)
+    compare: dict[str, str] = field(default_factory=dict)  # paper column (no prefix) -> our metric, both shown
+    pending: dict[str, str] = field(default_factory=dict)  # compared, but no run has the metric yet
+    cost_basis: str = ""             # what a device-hour is here (GPUs per task or CPU jobs)
 
     @property
     def paper_columns(self) -> list[str]:
@@ -63,6 +80,19 @@ class Report:
     @property
     def shown_metrics(self) -> list[str]:
         return [m for m in self.metrics if f"{m}_mean" in self.frame]
+
+    @property
+    def own_metrics(self) -> list[str]:
+        """Our columns outside the side-by-side comparisons."""
+        return [m for m in self.shown_metrics if m not in self.compare.values()]
+
+    @property
+    def paper_only(self) -> list[str]:
+        return [c for c in self.paper_columns if c.removeprefix(PAPER) not in self.compare]
+
+    @property
+    def has_cost(self) -> bool:
+        return COST in self.frame
 
     @property
     def relative_columns(self) -> list[str]:
@@ -77,15 +107,71 @@ class Report:
             "" if self.relative_as == "ratio" else " (%)")
 
 
-def metrics_of(spec: dict) -> dict[str, str]:
-    """The spec's `report.metrics` (MLflow key -> heading), or the default accuracy columns."""
-    return dict((spec.get("report") or {}).get("metrics") or METRICS)
+def heading_of(key: str) -> str:
+    """A heading for a protocol metric: `linear_top1/l7/cls` -> "linear top-1 (block 7, cls)"."""
+    floor = key.startswith(FLOOR)
+    base = key.removeprefix(FLOOR)
+    if base.startswith(LINEAR_VIEW):
+        layer, _, pool = base.removeprefix(LINEAR_VIEW).partition("/")
+        where = f"block {layer.removeprefix('l')}" + (f", {pool}" if pool else "")
+        return f"linear {'floor' if floor else 'top-1'} ({where})"
+    if base in PROTOCOL_METRICS or base in METRICS:
+        name = {**METRICS, **PROTOCOL_METRICS}[base]
+        return name.replace("top-1", "floor").replace("mIoU", "floor") if floor else name
+    return key
+
+
+def metrics_of(spec: dict, available=()) -> dict[str, str]:
+    """Our columns, MLflow key -> heading: the spec's `report.metrics`, or the default accuracy columns plus the
+    protocol metrics that `available` (the keys some run has a value for) holds, each main metric followed
+    later by its floor; a metric named by `report.compare` is always a column."""
+    rep = spec.get("report") or {}
+    if rep.get("metrics"):
+        out = dict(rep["metrics"])
+    else:
+        have = set(available)
+        views = sorted(k for k in have if k.startswith(LINEAR_VIEW))
+        mains = ["knn_top1", "linear_top1", *views, *[k for k in PROTOCOL_METRICS if k in have]]
+        floors = [FLOOR + m for m in mains if m in METRICS or FLOOR + m in have]
+        out = {m: METRICS.get(m) or heading_of(m) for m in mains + floors}
+    for key in (rep.get("compare") or {}).values():
+        out.setdefault(str(key), heading_of(str(key)))
+    return out
+
+
+def how_to_get(metric: str) -> str:
+    """What a launch needs for runs to log `metric` (the pending-comparison note)."""
+    if metric.startswith(LINEAR_VIEW):
+        layer, _, pool = metric.removeprefix(LINEAR_VIEW).partition("/")
+        n = layer.removeprefix("l")
+        return (f"evaluate.linear.layers=[{int(n) - 1 if n.isdigit() else n}] evaluate.linear.pools=[{pool or 'mean'}]"
+                f", on a model with at least {n} blocks")
+    protocol = {"finetune_top1": "finetune", "seg_miou": "seg_linear", "knn_top1": "knn"}.get(metric, "linear")
+    return f"add {protocol} to evaluate.protocols"
+
+
+def check_compare(spec: dict) -> dict[str, str]:
+    """`report.compare` as {paper column: metric}; ValueError naming the key for a column the paper lacks."""
+    rep = spec.get("report") or {}
+    compare = rep.get("compare") or {}
+    if not isinstance(compare, dict):
+        raise ValueError(f"report.compare={compare!r} must map paper columns to MLflow metric keys, "
+                         "e.g. {IN-1k FT top-1: finetune_top1}")
+    columns = [str(c) for c in (rep.get("reference") or {}).get("columns") or []]
+    for col, key in compare.items():
+        if str(col) not in columns:
+            raise ValueError(f"report.compare[{str(col)!r}] is not a column of report.reference.columns "
+                             f"({', '.join(columns) or 'none'})")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"report.compare[{str(col)!r}]={key!r} must be an MLflow metric key, e.g. finetune_top1")
+    return {str(c): str(k) for c, k in compare.items()}
 
 
 def aggregate(runs: pd.DataFrame, labels: Sequence[str], metrics: Sequence[str] = tuple(METRICS)) -> pd.DataFrame:
     """One row per label, in `labels` order: `<metric>_mean`, `<metric>_std` (sample std, NaN below 2
     runs) and `n` (finished runs of the label, 0 where none). `runs` has a `label` column and one column
     per metric; labels outside `labels` are ignored, metrics a run did not log are NaN and skipped."""
+    every = runs[runs["label"].isin(labels)] if "label" in runs else runs
     runs = runs.reindex(columns=["label", *metrics])
     runs = runs[runs["label"].isin(labels)]
     grouped = runs.groupby("label", sort=False)
@@ -95,7 +181,25 @@ def aggregate(runs: pd.DataFrame, labels: Sequence[str], metrics: Sequence[str] 
         out[f"{m}_mean"] = values.mean()
         out[f"{m}_std"] = values.std(ddof=1)  # NaN for a single seed: no spread is known, none is shown
     out["n"] = grouped.size().reindex(out.index).fillna(0).astype(int)
+    if COST in every:
+        out[COST] = [device_hours(every[every["label"] == label]) for label in out.index]
     return out
+
+
+def device_hours(runs: pd.DataFrame) -> float:
+    """What one row's runs cost: each run's own `device_h`, plus once per distinct pre-training it reused
+    (`pretrained_by` -> `pretrain_device_h`) unless that run is itself among them. NaN if any part is
+    unknown (an old run without a wall time, a deleted trainer) or the row has no run."""
+    if runs.empty:
+        return math.nan
+    total = pd.to_numeric(runs[COST], errors="coerce").sum(min_count=len(runs))
+    if "pretrained_by" in runs:
+        ids = set(runs["run_id"].dropna()) if "run_id" in runs else set()
+        reused = runs[runs["pretrained_by"].notna() & ~runs["pretrained_by"].isin(ids)]
+        reused = reused.drop_duplicates("pretrained_by")
+        if len(reused):
+            total += pd.to_numeric(reused["pretrain_device_h"], errors="coerce").sum(min_count=len(reused))
+    return float(total)
 
 
 def reference_frame(reference: dict | None) -> pd.DataFrame:
@@ -112,7 +216,7 @@ def reference_frame(reference: dict | None) -> pd.DataFrame:
 
 
 def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0, expected: int = 0,
-          run_command: str = "") -> Report:
+          run_command: str = "", cost_basis: str = "") -> Report:
     """agg: `aggregate`'s frame (grid order); spec: the sweep spec (name, title, report)."""
     rep = spec.get("report") or {}
     paper = reference_frame(rep.get("reference"))
@@ -121,7 +225,17 @@ def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0,
     frame = agg.set_axis(grid).reindex(grid + extra).join(paper)
     frame.index.name = "label"
     default = rep.get("default")
-    metrics = metrics_of(spec)
+    compare = check_compare(spec)
+    metrics = metrics_of(spec, [c.removesuffix("_mean") for c in agg.columns
+                                if c.endswith("_mean") and agg[c].notna().any()])
+    # a compared metric no run has: the paper column stays the paper's alone until a run has it
+    has = lambda m: f"{m}_mean" in frame and frame[f"{m}_mean"].notna().any()  # noqa: E731
+    pending = {col: m for col, m in compare.items() if not has(m)}
+    compare = {col: m for col, m in compare.items() if has(m)}
+    for m in set(pending.values()) - set(compare.values()):
+        metrics.pop(m, None)
+    for col, m in compare.items():
+        frame[DELTA + col] = frame[f"{m}_mean"] - frame[PAPER + col]
     relative = rep.get("relative_to") or {}
     if isinstance(relative, str):  # `relative_to: ROW` = ratios to that row
         relative = {"label": relative}
@@ -145,7 +259,8 @@ def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0,
                   default=None if default is None else str(default),
                   source=str((rep.get("reference") or {}).get("source") or ""),
                   caption=caption, missing=missing, expected=expected, run_command=run_command,
-                  metrics=metrics, best_is=best_is, relative_to=ref_row, relative_as=rel_as)
+                  metrics=metrics, best_is=best_is, relative_to=ref_row, relative_as=rel_as,
+                  compare=compare, pending=pending, cost_basis=cost_basis)
 
 
 def best(report: Report) -> pd.DataFrame:
@@ -185,40 +300,72 @@ def paper_decimals(values: pd.Series) -> int:
     return max((len(r.split(".")[1]) for r in shortest if "." in r and "e" not in r), default=0)
 
 
+def layout(report: Report) -> list[tuple[str, str, str]]:
+    """The columns after the label, as (group, kind, key): our own metrics, relative columns, n and
+    device-hours ("ours"); then per compared paper column our metric, the paper's number and the delta
+    ("ours vs paper"); then the paper-only columns ("paper")."""
+    cols = [("ours", "metric", m) for m in report.own_metrics]
+    cols += [("ours", "rel", c) for c in report.relative_columns]
+    cols += [("ours", "n", "n")] + ([("ours", "cost", COST)] if report.has_cost else [])
+    for c in report.paper_columns:
+        col = c.removeprefix(PAPER)
+        if col in report.compare:
+            cols += [("ours vs paper", "metric", report.compare[col]), ("ours vs paper", "paper", c),
+                     ("ours vs paper", "delta", DELTA + col)]
+    return cols + [("paper", "paper", c) for c in report.paper_only]
+
+
+def heading_at(report: Report, kind: str, key: str) -> str:
+    return {"metric": lambda: report.metrics[key], "rel": lambda: report.heading(key), "n": lambda: "n",
+            "cost": lambda: "device-h", "paper": lambda: key,
+            "delta": lambda: f"{DELTA}{key.removeprefix(DELTA)} (ours − paper)"}[kind]()
+
+
 def headers(report: Report) -> list[str]:
-    return [report.row_title, *[report.metrics[m] for m in report.shown_metrics],
-            *[report.heading(c) for c in report.relative_columns], "n", *report.paper_columns]
+    return [report.row_title, *[heading_at(report, kind, key) for _, kind, key in layout(report)]]
+
+
+def _hours(v: float) -> str:
+    """Device-hours: 3 significant digits (a test-size run costs thousandths, a paper-size one thousands)."""
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
 def cells(report: Report, style: Style) -> list[list[str]]:
     """The table body as strings, one list per row, in `headers` order."""
     f, is_best = report.frame, best(report)
     decimals = {col: paper_decimals(f[col]) for col in report.paper_columns}
+    cols = layout(report)
     rows = []
     for label in f.index:
         ours = label in report.grid_labels
         row = [style.escape(label + (DEFAULT_MARK if label == report.default else ""))]
-        for m in report.shown_metrics:
-            mean, std = f.at[label, f"{m}_mean"], f.at[label, f"{m}_std"]
-            if not ours:
-                text = ""                          # a paper-only row: we have no such point
-            elif pd.isna(mean):
-                text = style.missing               # our point, not (yet) finished
+        for _, kind, key in cols:
+            if kind == "paper":
+                v = f.at[label, key]
+                text = "" if pd.isna(v) else _num(v, decimals[key])
+                row.append(style.bold(text) if text and is_best.at[label, key] else text)
+            elif not ours:
+                row.append("")                      # a paper-only row: we have no such point
+            elif kind == "n":
+                row.append(str(int(f.at[label, "n"])))
+            elif kind == "metric":
+                mean, std = f.at[label, f"{key}_mean"], f.at[label, f"{key}_std"]
+                if pd.isna(mean):
+                    text = style.missing            # our point, not (yet) finished
+                else:
+                    text = _num(mean) + ("" if pd.isna(std) else style.pm + _num(std))
+                    text = style.bold(text) if is_best.at[label, f"{key}_mean"] else text
+                row.append(text)
             else:
-                text = _num(mean) + ("" if pd.isna(std) else style.pm + _num(std))
-                text = style.bold(text) if is_best.at[label, f"{m}_mean"] else text
-            row.append(text)
-        for col in report.relative_columns:
-            v = f.at[label, col]
-            if not ours or pd.isna(v):
-                row.append("" if not ours else style.missing)
-            else:
-                row.append(f"{v:.2f}×" if report.relative_as == "ratio" else f"{v:+.1f}")
-        row.append(str(int(f.at[label, "n"])) if ours else "")
-        for col in report.paper_columns:
-            v = f.at[label, col]
-            text = "" if pd.isna(v) else _num(v, decimals[col])
-            row.append(style.bold(text) if text and is_best.at[label, col] else text)
+                v = f.at[label, key]
+                if pd.isna(v):
+                    row.append("" if kind == "delta" else style.missing)  # no paper number: no delta
+                elif kind == "rel":
+                    row.append(f"{v:.2f}×" if report.relative_as == "ratio" else f"{v:+.1f}")
+                elif kind == "delta":
+                    row.append(f"{v:+.{DECIMALS}f}")
+                else:
+                    row.append(_hours(v))
         rows.append(row)
     return rows
 
@@ -228,6 +375,16 @@ def notes(report: Report, escape: Callable[[str], str] = lambda s: s,
     """Footnotes shared by every format; `escape` is the format's text escaping, `code` sets a command."""
     floor = "; floor: the same encoder at random init" if any(m.startswith("floor_") for m in report.shown_metrics) else ""
     out = [f"Bold: best per column. Ours: mean ± std over seeds (n runs){floor}."]
+    if report.compare:
+        out.append("Ours vs paper: only where both measure the same thing ("
+                   + "; ".join(f"{col} ← {m}" for col, m in report.compare.items())
+                   + "); Δ = ours − paper. Our setting is far smaller than the paper's: compare trends, not levels.")
+    for col, m in report.pending.items():
+        out.append(f"The paper's {col} is compared with our {m} once runs have it ({how_to_get(m)}).")
+    if report.has_cost:
+        out.append("device-h: device-hours of the row's runs, summed over seeds: each run's wall time (a reused "
+                   "pre-training counted once; a run that only evaluates another's pre-training costs its own "
+                   "evaluation) × devices per task" + (f" ({report.cost_basis})" if report.cost_basis else "") + ".")
     if report.default is not None:
         out.append(f"(default): the paper's default setting ({report.default}).")
     if report.missing:
@@ -258,7 +415,7 @@ def to_markdown(report: Report) -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "–": "--", "γ": r"$\gamma$", "×": r"$\times$"}
+                  "±": r"$\pm$", "Δ": r"$\Delta$", "−": "$-$", "←": r"$\leftarrow$", "–": "--", "γ": r"$\gamma$", "×": r"$\times$"}
 
 
 def latex_escape(s: str) -> str:
@@ -280,18 +437,25 @@ def to_latex(report: Report) -> str:
     """A `table` float with a booktabs tabular (needs only \\usepackage{booktabs})."""
     head = headers(report)
     body = cells(report, Style(bold=lambda s: f"\\textbf{{{s}}}", escape=latex_escape, pm=r" $\pm$ ", missing="--"))
-    n_ours, n_paper = len(head) - 1 - len(report.paper_columns), len(report.paper_columns)
+    cols = layout(report)
+    groups: list[list] = []  # runs of consecutive columns of one group: [name, first column, count]
+    for i, (group, _, _) in enumerate(cols, start=2):
+        if groups and groups[-1][0] == group:
+            groups[-1][2] += 1
+        else:
+            groups.append([group, i, 1])
     caption = latex_escape(report.title + ". " + (f"Ours: {report.caption} " if report.caption else "")
                            + (f"Paper: {report.source}." if report.source else ""))
     lines = [
         "% generated by reports/build.py; needs \\usepackage{booktabs}",
         "\\begin{table}[t]", "\\centering", f"\\caption{{{caption}}}", f"\\label{{tab:{report.name}}}",
-        "\\begin{tabular}{l" + "r" * n_ours + "r" * n_paper + "}", "\\toprule",
+        "\\begin{tabular}{l" + "r" * len(cols) + "}", "\\toprule",
     ]
-    if n_paper:  # group headings say whose numbers are whose
-        lines.append(f" & \\multicolumn{{{n_ours}}}{{c}}{{ours}} & \\multicolumn{{{n_paper}}}{{c}}{{paper}} \\\\")
-        lines.append(f"\\cmidrule(lr){{2-{1 + n_ours}}} \\cmidrule(lr){{{2 + n_ours}-{1 + n_ours + n_paper}}}")
-    lines.append(" & ".join(latex_escape(h.removeprefix(PAPER)) for h in head) + " \\\\")
+    if len(groups) > 1:  # group headings say whose numbers are whose
+        lines.append("".join(f" & \\multicolumn{{{n}}}{{c}}{{{g}}}" for g, _, n in groups) + " \\\\")
+        lines.append(" ".join(f"\\cmidrule(lr){{{i}-{i + n - 1}}}" for _, i, n in groups))
+    lines.append(" & ".join(latex_escape(h.removeprefix(PAPER) if g == "paper" else h)
+                            for g, h in zip(["label"] + [c[0] for c in cols], head)) + " \\\\")
     lines.append("\\midrule")
     lines += [" & ".join(r) + " \\\\" for r in body]
     lines += ["\\bottomrule", "\\end{tabular}"]
