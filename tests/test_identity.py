@@ -168,20 +168,16 @@ def test_within_one_launch_a_pretraining_is_done_once(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- old runs
-def _old_code_runs(tmp_path, compose_args, statuses):
+def _old_code_runs(compose, tmp_path, compose_args, statuses):
     """Point runs as the code before core/identity.py wrote them: tag `mimsweep.signature` (the whole-config
     hash), params, config.yaml; no pretrain/eval signature, no checkpoint tag. -> {label: run id}."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from core.config import CONFIG_DIR, SEARCHPATH, flatten, signature
+    from core.config import flatten, signature
     from sweeps.plan import plan
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[SEARCHPATH, *compose_args])
-        name, planned = plan(cfg, list(compose_args))
+    # the session's Hydra (tests/conftest.py `compose`): clearing it here would break every later test
+    name, planned = plan(compose(*compose_args), list(compose_args))
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = c.create_experiment(name, artifact_location=(tmp_path / "mlartifacts").as_uri())
     launch = c.create_run(exp, tags={"mimsweep.kind": "launch", "mimsweep.sweep": name}).info.run_id
@@ -202,13 +198,12 @@ def _old_code_runs(tmp_path, compose_args, statuses):
             c.log_metric(rid, "linear_top1", 25.0)
         c.set_terminated(rid, status)
         ids[pl.point.label] = (rid, signature(pl.cfg))
-    GlobalHydra.instance().clear()
     return ids
 
 
-def test_runs_tracked_before_the_change_are_skipped_or_resumed(tmp_path):
+def test_runs_tracked_before_the_change_are_skipped_or_resumed(compose, tmp_path):
     args = ["sweep=mcm_recon_range", *TINY, f"output_root={tmp_path}"]
-    old = _old_code_runs(tmp_path, args, {"all": "FINISHED", "masked": "FAILED"})
+    old = _old_code_runs(compose, tmp_path, args, {"all": "FINISHED", "masked": "FAILED"})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     res = run_cli("sweeps/run.py", *args)
     assert res.returncode == 0, res.stdout + res.stderr
