@@ -44,6 +44,17 @@ def run_cli(*args: str, cwd=REPO, env=None, timeout=600) -> subprocess.Completed
                           timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves os.environ as it found it: an in-process launch puts a URI's credentials into
+    MLFLOW_TRACKING_USERNAME/PASSWORD (for the jobs it starts) and a job sets MLflow's HTTP retry
+    variables; later tests' subprocesses must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 # The smallest real configuration: the embedded data, vit_micro, a handful of steps.
 TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "evaluate.floor=false"]
 
