@@ -40,10 +40,17 @@ def _env(**extra) -> dict:
     return env
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so Python turns it into KeyboardInterrupt.
+    A shell starts background jobs (`cmd &`, CI runners) with SIGINT ignored, and exec keeps that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def launch(out: Path, *extra: str, env: dict | None = None, uri: str | None = None) -> subprocess.Popen:
     args = [*POINT, f"output_root={out}", *([f"tracking.uri={uri}"] if uri else []), *extra]
     return subprocess.Popen([sys.executable, "sweeps/run.py", *args], cwd=REPO, env=env or _env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
 
 
 def finish(out: Path, *extra: str, uri: str | None = None, tries: int = 3) -> str:
