@@ -107,10 +107,12 @@ def _wait_progress(uri, exp, at_least, timeout=300):
 @pytest.mark.parametrize("interrupt", ["usr2", "scontrol_requeue"])
 def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_server, tmp_path, interrupt):
     common = ["sweeps/run.py", *TINY, *SMALL, "pretrain.epochs=5", "pretrain.max_steps=40", "pretrain.log_every=2",
-              "pretrain.checkpoint_every=4", "method.target=norm_pixel", f"tracking.uri={mlflow_server}",
-              f"output_root={tmp_path}"]
-    ref = run_cli(*common, f"tracking.experiment=ref_{interrupt}")
-    hit = run_cli(*common, f"tracking.experiment=hit_{interrupt}")
+              "pretrain.checkpoint_every=4", "method.target=norm_pixel", f"output_root={tmp_path}"]
+    # The reference in a store of its own: in the same store the second launch would reuse its pre-training
+    # (core/identity.py) instead of training the point it is to interrupt.
+    ref_uri = f"sqlite:///{tmp_path}/ref.db"
+    ref = run_cli(*common, f"tracking.uri={ref_uri}", f"tracking.experiment=ref_{interrupt}")
+    hit = run_cli(*common, f"tracking.uri={mlflow_server}", f"tracking.experiment=hit_{interrupt}")
     assert ref.returncode == 0 and hit.returncode == 0, ref.stderr + hit.stderr
     job = _queued_ids(hit.stdout)[0] + "_0"
     run = _wait_progress(mlflow_server, f"hit_{interrupt}", 0.2)
@@ -118,15 +120,15 @@ def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_se
         subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)
     else:
         subprocess.run(["scontrol", "requeue", job], check=True)
-    ref_run = _wait_runs(mlflow_server, f"ref_{interrupt}", 1)[0]
+    ref_run = _wait_runs(ref_uri, f"ref_{interrupt}", 1)[0]
     hit_run = _wait_runs(mlflow_server, f"hit_{interrupt}", 1)[0]
     assert hit_run.info.run_id == run.info.run_id             # resumed into the same MLflow run
     assert hit_run.info.status == "FINISHED"
     assert int(hit_run.data.tags["mimsweep.slurm_restarts"]) >= 1
     assert int(hit_run.data.tags.get("mimsweep.resumed_from_step", "0")) > 0
-    c = MlflowClient(mlflow_server)
+    c, c_ref = MlflowClient(mlflow_server), MlflowClient(ref_uri)
     for key in ("train_loss", "lr"):
-        h_ref = [(m.step, m.value) for m in c.get_metric_history(ref_run.info.run_id, key)]
+        h_ref = [(m.step, m.value) for m in c_ref.get_metric_history(ref_run.info.run_id, key)]
         h_hit = [(m.step, m.value) for m in c.get_metric_history(hit_run.info.run_id, key)]
         assert h_hit == h_ref, key                            # every step once, same values
     for key in ("knn_top1", "linear_top1"):
