@@ -226,7 +226,9 @@ def test_status_tail_and_cancel(slurm_cluster, mlflow_server, tmp_path):
 
 def test_separate_evaluation_runs_after_its_own_pretraining_and_never_waits_on_a_failed_one(
         slurm_cluster, mlflow_server, tmp_path):
-    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY, *SMALL,
+    # sweep.seeds=[3]: pre-trainings of their own (the session's server holds this sweep's seed-0 points from
+    # other tests, which a launch would reuse instead of pre-training: core/identity.py)
+    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY, *SMALL, "sweep.seeds=[3]",
             "cluster.separate_eval=true", "cluster.eval.cpus_per_task=1", "cluster.eval.mem_gb=2",
             f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_chain", f"output_root={tmp_path}"]
     res = run_cli(*args)
