@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from cluster import checks
 from core import tracking
 from core.config import ConfigError
+from cluster.backend import Backend
 from sweeps.plan import Planned, decide, plan, print_plan, resolve_after, user_overrides
 
 
@@ -160,31 +161,6 @@ def _end_runs(c, parent: str | None, run_ids: list[str], reason: str, status: st
             ok = False
             print(f"warning: could not mark run {rid} {status}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
     return ok
-
-
-class Backend:
-    """What a launch asks of the place its points run (cluster/local.py `Local`, cluster/slurm.py `Slurm`):
-
-    - `prepare(planned, todo, trained) -> todo`: read-only checks of that place (a scheduler's tools,
-      partition, `sbatch --test-only`), before any run exists; may leave out points already queued there;
-    - `describe(todo) -> str`: what a dry run prints about what would start;
-    - `start(c, parent, todo, handed_over, skipped) -> exit code`: run or submit the points, whose runs now
-      exist; put each point whose run a job now owns into `handed_over` (the launch marks the others
-      FAILED/KILLED if it fails) and end the launch run `parent`.
-    """
-
-    def __init__(self, cfg, uri: str, root: Path, sweep: str, task_overrides: list[str], raw_uri: str):
-        self.cfg, self.uri, self.root, self.sweep = cfg, uri, root, sweep
-        self.task_overrides, self.raw_uri = task_overrides, raw_uri
-
-    def prepare(self, planned: list[Planned], todo: list[Planned], trained: list) -> list[Planned]:
-        return todo
-
-    def describe(self, todo: list[Planned]) -> str:
-        raise NotImplementedError
-
-    def start(self, c, parent: str, todo: list[Planned], handed_over: set, skipped: int) -> int:
-        raise NotImplementedError
 
 
 def backend_for(cfg, uri: str, root: Path, sweep: str, task_overrides: list[str], raw_uri: str) -> Backend:

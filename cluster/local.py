@@ -9,6 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
+from cluster.backend import Backend
 from core.job import run_point
 from core.tracking import TrackingUnavailable
 from core.train import DiskFull, NonFiniteLoss
@@ -60,8 +61,6 @@ def print_summary(rows: list[dict], skipped: int, report_cmd: str | None) -> Non
     if report_cmd:
         print(f"next: {report_cmd}")
 
-
-from cluster.launch import Backend  # noqa: E402 - the interface; cluster.launch imports this module lazily
 
 
 class Local(Backend):

@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.backend import Backend
 from cluster.checks import CONTROL, TOKEN
 from core.config import REPO, ConfigError
 
@@ -286,8 +287,6 @@ def submit(todo: list, cl, uri: str, root: Path, sweep: str, dry_run: bool = Fal
         submit_prepared(arrays, cl, uri, root)
     return arrays
 
-
-from cluster.launch import Backend  # noqa: E402 - the interface; cluster.launch imports this module lazily
 
 
 class Slurm(Backend):

@@ -1,0 +1,33 @@
+"""The interface every backend (cluster/local.py, cluster/slurm.py) implements for cluster/launch.py."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sweeps.plan import Planned
+
+
+class Backend:
+    """What a launch asks of the place its points run (cluster/local.py `Local`, cluster/slurm.py `Slurm`):
+
+    - `prepare(planned, todo, trained) -> todo`: read-only checks of that place (a scheduler's tools,
+      partition, `sbatch --test-only`), before any run exists; may leave out points already queued there;
+    - `describe(todo) -> str`: what a dry run prints about what would start;
+    - `start(c, parent, todo, handed_over, skipped) -> exit code`: run or submit the points, whose runs now
+      exist; put each point whose run a job now owns into `handed_over` (the launch marks the others
+      FAILED/KILLED if it fails) and end the launch run `parent`.
+    """
+
+    def __init__(self, cfg, uri: str, root: Path, sweep: str, task_overrides: list[str], raw_uri: str):
+        self.cfg, self.uri, self.root, self.sweep = cfg, uri, root, sweep
+        self.task_overrides, self.raw_uri = task_overrides, raw_uri
+
+    def prepare(self, planned: list[Planned], todo: list[Planned], trained: list) -> list[Planned]:
+        return todo
+
+    def describe(self, todo: list[Planned]) -> str:
+        raise NotImplementedError
+
+    def start(self, c, parent: str, todo: list[Planned], handed_over: set, skipped: int) -> int:
+        raise NotImplementedError
