@@ -20,7 +20,7 @@ CONFIG_DIR = REPO / "sweeps" / "conf"
 SEARCHPATH = f"hydra.searchpath=[file://{REPO}]"
 
 RUN_ONLY = (
-    "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "device", "report_dir",
+    "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "reuse", "device", "report_dir",
     "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.compile", "data.num_workers", "data.root", "evaluate.batch_size",
 )
 
@@ -192,6 +192,7 @@ def validate(cfg) -> None:
     check_number(cfg, "tracking.outage_wait_s", 0, optional=True)
     check_in(cfg, "task", ("train", "flops"))
     check_in(cfg, "device", ("auto", "cpu", "cuda"))
+    check_in(cfg, "reuse", ("store", "experiment", "none"))
     check_number(cfg, "seed", 0, integer=True)
 
 

@@ -23,7 +23,7 @@ How a launch uses them (sweeps/plan.py `decide`):
 1. a point run of the sweep with the same (pre-training, evaluation) pair, or an old run with the same legacy
    signature: FINISHED -> skip; otherwise resume it;
 2. else a *finished pre-training* of the same pre-training signature anywhere in the store (any sweep, any
-   experiment): a run tagged `mimsweep.checkpoint` (the absolute path of its final checkpoint, set by the job
+   experiment; `reuse=experiment` looks in the launch's experiment only, `reuse=none` never): a run tagged `mimsweep.checkpoint` (the absolute path of its final checkpoint, set by the job
    when its pre-training completed) whose file still exists -> a new point run that only evaluates, on that
    checkpoint, tagged `mimsweep.pretrained_by` = the run that trained it;
 3. else a pre-training of this launch (an earlier point of the plan) or a queued/running SLURM task of an

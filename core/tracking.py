@@ -220,16 +220,18 @@ def point_runs(c, exp_id: str, sweep: str | None = None) -> list:
     return [r for r in _search_all(c, [exp_id], flt) if r.data.tags.get(TAG + "kind") == "point"]
 
 
-def pretrainings(c, write: bool = True) -> list:
-    """Every point run of the store (all experiments) that pre-trains itself, oldest first: the candidates
-    a point of any sweep may reuse (core/identity.py). Runs that only evaluate another's checkpoint are left out."""
-    exp_ids, token = [], None
-    while True:
-        page = c.search_experiments(max_results=1000, page_token=token)
-        exp_ids += [e.experiment_id for e in page]
-        token = page.token
-        if not token:
-            break
+def pretrainings(c, write: bool = True, exp_ids: list[str] | None = None) -> list:
+    """Every point run of the store (all experiments, or only `exp_ids`) that pre-trains itself, oldest first:
+    the candidates a point of any sweep may reuse (core/identity.py). Runs that only evaluate another's
+    checkpoint are left out."""
+    if exp_ids is None:
+        exp_ids, token = [], None
+        while True:
+            page = c.search_experiments(max_results=1000, page_token=token)
+            exp_ids += [e.experiment_id for e in page]
+            token = page.token
+            if not token:
+                break
     runs = []
     for i in range(0, len(exp_ids), 100):
         runs += _search_all(c, exp_ids[i:i + 100], f"tags.`{TAG}pretrain_signature` LIKE '%'")

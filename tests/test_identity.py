@@ -150,6 +150,23 @@ def test_finished_pretrainings_are_found_across_sweeps_and_experiments(finished)
     assert rep.returncode == 0 and "4/4 point(s)" in rep.stderr, rep.stdout + rep.stderr
 
 
+def test_reuse_scope_experiment_and_none(finished):
+    """`reuse=experiment` sees only the launch's experiment, `reuse=none` nothing; planned (dry run), not run."""
+    out, args = finished
+    other = ["sweeps/run.py", "sweep=mcm_decoder_depth", *TINY, f"output_root={out}", "dry_run=true"]
+    def plan(*extra):
+        res = run_cli(*other, *extra)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return _plan_lines(res.stdout).values()
+    assert sum("pretrain reuse" in ln for ln in plan("tracking.experiment=scoped")) == 1       # store (default)
+    assert all("pretrain new" in ln for ln in plan("tracking.experiment=scoped", "reuse=experiment"))
+    # in the experiment that trained it, the default point is found again; with reuse=none it is not
+    assert sum("pretrain reuse" in ln for ln in plan("tracking.experiment=mcm_mask_ratio", "reuse=experiment")) == 1
+    assert all("pretrain new" in ln for ln in plan("tracking.experiment=mcm_mask_ratio", "reuse=none"))
+    bad = run_cli(*other, "reuse=everywhere")
+    assert bad.returncode == 2 and "reuse='everywhere' is invalid: must be one of store, experiment, none" in bad.stderr
+
+
 def test_within_one_launch_a_pretraining_is_done_once(tmp_path):
     """Two points that differ only in their evaluation: one pre-trains, the other evaluates its checkpoint."""
     args = ["sweeps/run.py", "sweep=mcm_mask_ratio", *TINY, f"output_root={tmp_path}",

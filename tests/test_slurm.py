@@ -15,7 +15,9 @@ from tests.conftest import FAILING_POINTS, TINY, run_cli
 
 pytestmark = pytest.mark.slurm
 # 2 cores here: one CPU and a little memory per task lets two tasks run side by side.
-SMALL = ["cluster=slurm", "cluster.cpus_per_task=1", "cluster.mem_gb=2", "cluster.time_min=20"]
+# reuse=experiment: the session's MLflow server is shared by many tests, and a launch would otherwise evaluate
+# another test's finished pre-training of the same config instead of training its own (core/identity.py).
+SMALL = ["cluster=slurm", "cluster.cpus_per_task=1", "cluster.mem_gb=2", "cluster.time_min=20", "reuse=experiment"]
 
 
 def _point_runs(uri, exp):
@@ -226,9 +228,7 @@ def test_status_tail_and_cancel(slurm_cluster, mlflow_server, tmp_path):
 
 def test_separate_evaluation_runs_after_its_own_pretraining_and_never_waits_on_a_failed_one(
         slurm_cluster, mlflow_server, tmp_path):
-    # sweep.seeds=[3]: pre-trainings of their own (the session's server holds this sweep's seed-0 points from
-    # other tests, which a launch would reuse instead of pre-training: core/identity.py)
-    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY, *SMALL, "sweep.seeds=[3]",
+    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY, *SMALL,
             "cluster.separate_eval=true", "cluster.eval.cpus_per_task=1", "cluster.eval.mem_gb=2",
             f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_chain", f"output_root={tmp_path}"]
     res = run_cli(*args)

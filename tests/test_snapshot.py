@@ -138,7 +138,7 @@ def test_a_task_runs_its_launch_code_although_the_tree_was_edited_while_it_waite
     (wrap / "sbatch").chmod(0o755)
     res = subprocess.run([sys.executable, str(repo / "sweeps" / "run.py"), *TINY, "cluster=slurm",
                           "cluster.cpus_per_task=1", "cluster.mem_gb=2", "cluster.time_min=20",
-                          f"tracking.uri={mlflow_server}", "tracking.experiment=snapshot_e2e", f"output_root={out}"],
+                          "reuse=experiment", f"tracking.uri={mlflow_server}", "tracking.experiment=snapshot_e2e", f"output_root={out}"],
                          cwd=repo, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "MIMSWEEP_PROGRESS": "0", "PATH": f"{wrap}:{os.environ['PATH']}"})
     assert res.returncode == 0, res.stdout + res.stderr
