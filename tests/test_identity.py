@@ -158,7 +158,9 @@ def test_reuse_scope_experiment_and_none(finished):
         res = run_cli(*other, *extra)
         assert res.returncode == 0, res.stdout + res.stderr
         return _plan_lines(res.stdout).values()
-    assert sum("pretrain reuse" in ln for ln in plan("tracking.experiment=scoped")) == 1       # store (default)
+    # store (the default): at least the default point, trained in experiment mcm_mask_ratio (other tests of
+    # this module may have trained more of this sweep's points elsewhere in the store)
+    assert sum("pretrain reuse" in ln for ln in plan("tracking.experiment=scoped")) >= 1
     assert all("pretrain new" in ln for ln in plan("tracking.experiment=scoped", "reuse=experiment"))
     # in the experiment that trained it, the default point is found again; with reuse=none it is not
     assert sum("pretrain reuse" in ln for ln in plan("tracking.experiment=mcm_mask_ratio", "reuse=experiment")) == 1
