@@ -41,7 +41,7 @@ def run_all(todo, uri: str, root: Path) -> list[dict]:
             print(f"    FAILED: {type(e).__name__}: {e}", flush=True)
             row.update(status="FAILED", metrics={}, wall_s=time.perf_counter() - t0)
             continue
-        row.update(status="FINISHED", metrics={k: v for k, v in res.items() if k.endswith("top1")},
+        row.update(status="FINISHED", metrics={k: v for k, v in res.items() if k.endswith(("top1", "miou"))},
                    wall_s=time.perf_counter() - t0)
         shown = ", ".join(f"{k}={v:.2f}" for k, v in row["metrics"].items())
         print(f"    done in {row['wall_s']:.0f}s: {shown}", flush=True)

@@ -154,6 +154,8 @@ def test_done_when_evaluation_only_relaunch_then_report_beside_the_paper(tmp_pat
         assert r.data.tags["mimsweep.pretrained_by"] in before
         assert "train_loss" not in r.data.metrics and c.get_metric_history(r.info.run_id, "train_loss") == []
         assert {"finetune_top1", "seg_miou", "linear_top1"} <= set(r.data.metrics)
+    summary = second.stdout.split("\nsummary")[1].splitlines()[1].split()   # its heading line
+    assert {"finetune_top1", "seg_miou", "linear_top1"} <= set(summary), second.stdout
 
     rep = run_cli("reports/build.py", *args[1:], *evaluation)
     assert rep.returncode == 0, rep.stdout + rep.stderr
