@@ -73,9 +73,9 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     exp_id = tracking.find_experiment(c, exp_name)
     # finished pre-trainings: the whole store or this experiment, per `reuse` (runs of older versions migrated
     # once; a dry run writes nothing)
-    reuse = cfg.get("reuse", "store")
-    scope = None if reuse == "store" else [exp_id] if exp_id and reuse == "experiment" else []
-    trained = tracking.pretrainings(c, write=not cfg.dry_run, exp_ids=scope) if c is not None and scope != [] else []
+    trained = []
+    if c is not None and (cfg.reuse == "store" or (cfg.reuse == "experiment" and exp_id)):
+        trained = tracking.pretrainings(c, write=not cfg.dry_run, exp_ids=None if cfg.reuse == "store" else [exp_id])
     decide(planned, tracking.point_runs(c, exp_id, name) if exp_id else [], trained)
     todo = _todo(planned)
     # every point to pre-train holds one checkpoint, one more is being written at a time, + 64 MiB (store, logs)
