@@ -60,6 +60,7 @@ class Report:
     frame: pd.DataFrame       # index: row label; columns: <metric>_mean, <metric>_std, n, "paper: <col>"
     grid_labels: list[str]    # the rows that are ours; the others are the paper's only
     default: str | None = None
+    default_note: str = "the paper's default setting"  # what the (default) row is
     source: str = ""          # where the paper's numbers come from
     caption: str = ""         # what "ours" is: model, data, epochs, teacher
     missing: int = 0          # grid points (label x seed) without a finished run
@@ -137,6 +138,20 @@ def metrics_of(spec: dict, available=()) -> dict[str, str]:
     for key in (rep.get("compare") or {}).values():
         out.setdefault(str(key), heading_of(str(key)))
     return out
+
+
+def redundant_view(frame: pd.DataFrame, metrics: dict[str, str], compare: dict[str, str]) -> list[str]:
+    """The one linear view (and its floor) when it only repeats `linear_top1`: every run probed just the
+    default layer and pool. Two or more views, or one a paper column is compared with, stay columns."""
+    views = [m for m in metrics if m.startswith(LINEAR_VIEW)]
+    if len(views) != 1 or views[0] in compare.values():
+        return []
+    out = []
+    for view, main in ((views[0], "linear_top1"), (FLOOR + views[0], FLOOR + "linear_top1")):
+        a, b = frame.get(f"{view}_mean"), frame.get(f"{main}_mean")
+        if a is not None and b is not None and ((a - b).abs().le(1e-9) | (a.isna() & b.isna())).all():
+            out.append(view)
+    return out if views[0] in out else []
 
 
 def how_to_get(metric: str) -> str:
@@ -234,6 +249,9 @@ def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0,
     compare = {col: m for col, m in compare.items() if has(m)}
     for m in set(pending.values()) - set(compare.values()):
         metrics.pop(m, None)
+    if not rep.get("metrics"):
+        for m in redundant_view(frame, metrics, compare):
+            metrics.pop(m, None)
     for col, m in compare.items():
         frame[DELTA + col] = frame[f"{m}_mean"] - frame[PAPER + col]
     relative = rep.get("relative_to") or {}
@@ -257,6 +275,7 @@ def build(agg: pd.DataFrame, spec: dict, *, caption: str = "", missing: int = 0,
                   title=str(rep.get("title") or spec.get("title") or spec.get("name")),
                   row_title=str(rep.get("row_title") or "setting"), frame=frame, grid_labels=grid,
                   default=None if default is None else str(default),
+                  default_note=str(rep.get("default_note") or Report.default_note),
                   source=str((rep.get("reference") or {}).get("source") or ""),
                   caption=caption, missing=missing, expected=expected, run_command=run_command,
                   metrics=metrics, best_is=best_is, relative_to=ref_row, relative_as=rel_as,
@@ -386,7 +405,7 @@ def notes(report: Report, escape: Callable[[str], str] = lambda s: s,
                    "pre-training counted once; a run that only evaluates another's pre-training costs its own "
                    "evaluation) × devices per task" + (f" ({report.cost_basis})" if report.cost_basis else "") + ".")
     if report.default is not None:
-        out.append(f"(default): the paper's default setting ({report.default}).")
+        out.append(f"(default): {report.default_note} ({report.default}).")
     if report.missing:
         empty = (report.frame.loc[report.grid_labels, "n"] == 0).sum()
         out.append((f"{MISSING}: no finished run. " if empty else "")

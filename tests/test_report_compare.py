@@ -89,6 +89,18 @@ def test_linear_views_and_seg_appear_with_their_floors_only_when_runs_have_them(
     assert "evaluate.linear.layers=[6] evaluate.linear.pools=[cls], on a model with at least 7 blocks" in pending
 
 
+def test_a_single_linear_view_equal_to_linear_top1_is_not_a_second_column():
+    spec = {"name": "m", "title": "t", "report": {"row_title": "γ"}}
+    runs = pd.DataFrame([{"label": "60%", "knn_top1": 1.0, "linear_top1": 2.0, "linear_top1/l4/mean": 2.0,
+                          "floor_linear_top1": 1.5, "floor_linear_top1/l4/mean": 1.5}])
+    head, _ = md_table(table.to_markdown(report_of(runs, spec)))
+    assert "linear top-1" in head and "linear floor" in head
+    assert not any("block 4" in h for h in head)                   # the only view is linear_top1 itself
+    other = runs.assign(**{"linear_top1/l4/mean": 3.0})            # a view that differs stays a column
+    head, _ = md_table(table.to_markdown(report_of(other, spec)))
+    assert "linear top-1 (block 4, mean)" in head
+
+
 def test_device_hours_count_a_reused_pretraining_once():
     runs = pd.DataFrame([
         # 60%: a run that pre-trained and evaluated itself, two seeds

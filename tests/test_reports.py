@@ -121,6 +121,14 @@ def test_default_row_is_marked_in_every_format():
     assert csv["default"].tolist() == [False, True, False, False]
 
 
+def test_default_footnote_says_what_the_default_row_is():
+    assert "(default): the paper's default setting (75%)." in table.to_markdown(mask_report())
+    spec = {**EPOCH_SPEC, "report": {**EPOCH_SPEC["report"], "default_note": "the embedded default's epochs"}}
+    rep = table.build(table.aggregate(pd.DataFrame([run("8", 0, 40.0, 30.0)]), ["8"]), spec)
+    md = table.to_markdown(rep)
+    assert "(default): the embedded default's epochs (8)." in md and "paper's default setting" not in md
+
+
 def test_missing_points_show_dash_and_footnote_with_command():
     md = table.to_markdown(mask_report())
     rows = md_rows(md)
