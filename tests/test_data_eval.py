@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from core.data import Augmented, ResumableBatchSampler, load_split
 from core.evaluate import knn_top1, linear_top1
+from tests.conftest import _need
 
 
 def _data(**kw):
@@ -26,10 +27,11 @@ def test_embedded_subset_is_balanced_and_offline():
 
 def test_full_fashion_mnist_from_the_debian_package():
     root = Path("/usr/share/datasets/fashion-mnist")
-    if not root.exists():
-        pytest.skip("dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
-    split = load_split(_data(source="fashion_mnist", root=str(root)), "train")
-    assert len(split.dataset) == 60_000
+    _need(root.exists(), "the full Fashion-MNIST", "apt-get install dataset-fashion-mnist (as root)")
+    train = load_split(_data(source="fashion_mnist", root=str(root)), "train")
+    test = load_split(_data(source="fashion_mnist", root=str(root)), "test")
+    assert len(train.dataset) == 60_000 and len(test.dataset) == 10_000
+    assert np.bincount(train.dataset.labels.numpy()).tolist() == [6000] * 10
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
