@@ -146,12 +146,13 @@ def redundant_view(frame: pd.DataFrame, metrics: dict[str, str], compare: dict[s
     views = [m for m in metrics if m.startswith(LINEAR_VIEW)]
     if len(views) != 1 or views[0] in compare.values():
         return []
-    out = []
-    for view, main in ((views[0], "linear_top1"), (FLOOR + views[0], FLOOR + "linear_top1")):
-        a, b = frame.get(f"{view}_mean"), frame.get(f"{main}_mean")
-        if a is not None and b is not None and ((a - b).abs().le(1e-9) | (a.isna() & b.isna())).all():
-            out.append(view)
-    return out if views[0] in out else []
+    def same(m: str, main: str) -> bool:
+        return f"{m}_mean" in frame and f"{main}_mean" in frame and frame[f"{m}_mean"].equals(frame[f"{main}_mean"])
+
+    view = views[0]
+    if not same(view, "linear_top1"):
+        return []
+    return [view, *([FLOOR + view] if same(FLOOR + view, FLOOR + "linear_top1") else [])]
 
 
 def how_to_get(metric: str) -> str:
