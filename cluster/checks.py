@@ -77,6 +77,9 @@ def validate_cluster(cl, prefix: str = "cluster") -> None:
                           "Pick a profile with cluster=local or cluster=slurm (or cluster=<your site file>).")
     integer(f"{prefix}.max_attempts", cl.get("max_attempts", 3), 1, 1000)
     if backend != "slurm":
+        if cl.get("workers", 1) != "auto":
+            integer(f"{prefix}.workers", cl.get("workers", 1), 1, 1024,
+                    hint="How many points run at once on this machine; auto = one per CPU core (1 on a GPU).")
         return
     for key, what in (("partition", "partition name (or comma-separated list)"), ("account", "account name"),
                       ("qos", "QOS name"), ("constraint", "feature expression")):

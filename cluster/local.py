@@ -1,12 +1,27 @@
-"""Local backend: run the points one after another in this process (no scheduler needed).
+"""Local backend: run the points on this machine, no scheduler needed.
+
+`cluster.workers` says how many points run at once: 1 = one after another in this process; N > 1 = N
+worker processes, each with `cpus // N` threads (on a small CPU several narrow processes do more work
+than one wide one: on 2 cores two 1-thread points train ~1.2x faster together than one 2-thread point);
+`auto` = as many as the launch has points, up to the CPU count, and 1 on a GPU. A point that evaluates
+another's pre-training of this launch (`after` in the plan) starts when that one has ended.
 
 A failing point is recorded as FAILED in MLflow with its reason and the sweep goes on with the next;
-the next launch resumes it from its last checkpoint.
+the next launch resumes it from its last checkpoint. A worker that dies (killed, out of memory) leaves
+its point FAILED with the signal as the reason. Ctrl-C or SIGTERM to the launch, or the launch itself
+killed (even with -9), stops the workers: their points end KILLED, to be resumed by the next launch.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import re
+import signal
+import sys
+import threading
 import time
 import traceback
+from multiprocessing.connection import wait
 from pathlib import Path
 
 from cluster.backend import Backend
@@ -18,33 +33,214 @@ from core.train import DiskFull, NonFiniteLoss
 EXPLAINED = (DiskFull, NonFiniteLoss, TrackingUnavailable)
 
 
-def run_all(todo, uri: str, root: Path) -> list[dict]:
-    """Runs the points; returns one row per point: label, seed, status, metrics, wall time."""
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def workers_for(cfg, n_points: int) -> int:
+    """How many points of this launch run at once (`cluster.workers`, checked by cluster/checks.py)."""
+    w = cfg.cluster.get("workers", 1)
+    if w == "auto":
+        import torch
+        on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        w = 1 if on_gpu else cpu_count()
+    return max(1, min(int(w), n_points))
+
+
+def _attempt(pl, uri: str, root: Path) -> tuple[str, dict, str]:
+    """One point in this process -> (status, metrics, failure reason)."""
+    try:
+        res = run_point(pl.cfg, pl.run_id, uri, str(root / pl.workdir_name), phase=pl.phase, checkpoint=pl.checkpoint)
+    except KeyboardInterrupt:
+        raise
+    except EXPLAINED as e:
+        return "FAILED", {}, str(e)
+    except Exception as e:  # noqa: BLE001 - reported, tracked as FAILED, and the sweep continues
+        traceback.print_exc()
+        return "FAILED", {}, f"{type(e).__name__}: {e}"
+    return "FINISHED", {k: v for k, v in res.items() if k.endswith(("top1", "miou"))}, ""
+
+
+def _started(i: int, n: int, pl) -> None:
+    print(f"[{i}/{n}] {pl.point.label} seed={pl.point.seed} sig={pl.signature} run={pl.run_id}"
+          + (" (evaluation only)" if pl.phase == "evaluate" else ""), flush=True)
+
+
+def _ended(row: dict, reason: str, who: str = "") -> None:
+    if row["status"] == "FINISHED":
+        shown = ", ".join(f"{k}={v:.2f}" for k, v in row["metrics"].items())
+        print(f"    {who}done in {row['wall_s']:.0f}s: {shown}", flush=True)
+    else:
+        print(f"    {who}{row['status']}: {reason}", flush=True)
+
+
+def run_all(todo, uri: str, root: Path, workers: int = 1) -> list[dict]:
+    """Runs the points; returns one row per point (in `todo` order): label, seed, status, metrics, wall time."""
+    if workers > 1:
+        return _run_parallel(todo, uri, root, workers)
     rows = []
     for i, pl in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {pl.point.label} seed={pl.point.seed} sig={pl.signature} run={pl.run_id}"
-              + (" (evaluation only)" if pl.phase == "evaluate" else ""), flush=True)
+        _started(i, len(todo), pl)
         t0 = time.perf_counter()
-        row = {"point": pl.point.label, "seed": pl.point.seed, "run": pl.run_id}
-        rows.append(row)
+        status, metrics, reason = _attempt(pl, uri, root)
+        rows.append({"point": pl.point.label, "seed": pl.point.seed, "run": pl.run_id, "status": status,
+                     "metrics": metrics, "wall_s": time.perf_counter() - t0})
+        _ended(rows[-1], reason)
+    return rows
+
+
+# ---- N points at once: worker processes -------------------------------------------------------------
+
+class _Lines:
+    """A text stream that writes whole lines to `out`, each prefixed (the worker's point label). A progress
+    bar redraws itself with carriage returns: of those redraws, one line per `every` seconds is shown."""
+
+    def __init__(self, out, prefix: str, every: float = 15.0):
+        self.out, self.prefix, self.every, self.buf, self.shown = out, prefix, every, "", 0.0
+
+    def write(self, s: str) -> int:
+        pieces = re.split(r"([\r\n])", self.buf + s)  # text, separator, text, separator, ..., the unended rest
+        self.buf, lines = pieces[-1], []
+        for text, sep in zip(pieces[0::2], pieces[1::2]):
+            if not text.strip():
+                continue
+            if sep == "\n":
+                lines.append(f"{self.prefix}{text}\n")
+            elif time.monotonic() - self.shown >= self.every:
+                lines.append(f"{self.prefix}{text}\n")
+                self.shown = time.monotonic()
+        if lines:
+            self.out.write("".join(lines))
+            self.out.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _serve(conn, threads: int) -> None:
+    """A worker process: runs the points it is sent, one at a time, with `threads` threads."""
+    import _thread
+
+    import torch
+    os.setpgrp()  # Ctrl-C in a terminal reaches the launch only; it tells each worker once (SIGINT)
+    torch.set_num_threads(threads)
+    parent, orphan = os.getppid(), threading.Event()
+
+    def interrupted(_signum, _frame):  # -> run_point marks its run KILLED with this reason
+        raise KeyboardInterrupt("the launch process died" if orphan.is_set() else "the launch was stopped")
+    signal.signal(signal.SIGINT, interrupted)  # even when the launch itself was started ignoring SIGINT
+
+    def watch() -> None:  # the launch was killed (-9): stop the point as the launch would have
+        while os.getppid() == parent:
+            time.sleep(1)
+        orphan.set()
+        _thread.interrupt_main()
+    threading.Thread(target=watch, daemon=True).start()
+    out, err = sys.stdout, sys.stderr
+    while True:
         try:
-            res = run_point(pl.cfg, pl.run_id, uri, str(root / pl.workdir_name), phase=pl.phase,
-                            checkpoint=pl.checkpoint)
-        except KeyboardInterrupt:
-            raise
-        except EXPLAINED as e:
-            print(f"    FAILED: {e}", flush=True)
-            row.update(status="FAILED", metrics={}, wall_s=time.perf_counter() - t0)
-            continue
-        except Exception as e:  # noqa: BLE001 - reported, tracked as FAILED, and the sweep continues
-            traceback.print_exc()
-            print(f"    FAILED: {type(e).__name__}: {e}", flush=True)
-            row.update(status="FAILED", metrics={}, wall_s=time.perf_counter() - t0)
-            continue
-        row.update(status="FINISHED", metrics={k: v for k, v in res.items() if k.endswith(("top1", "miou"))},
-                   wall_s=time.perf_counter() - t0)
-        shown = ", ".join(f"{k}={v:.2f}" for k, v in row["metrics"].items())
-        print(f"    done in {row['wall_s']:.0f}s: {shown}", flush=True)
+            job = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if job is None:
+            return
+        pl, uri, root = job
+        sys.stdout, sys.stderr = _Lines(out, f"  {pl.point.label} | "), _Lines(err, f"  {pl.point.label} | ")
+        try:
+            conn.send(_attempt(pl, uri, root))
+        except KeyboardInterrupt:  # run_point marked its run KILLED
+            return
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+class _Worker:
+    def __init__(self, ctx, threads: int):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, threads), name="mimsweep-worker")
+        self.proc.start()
+        child.close()
+        self.job = None  # (index, Planned, row, t0) while it runs a point
+
+
+def _run_parallel(todo, uri: str, root: Path, workers: int) -> list[dict]:
+    from core import tracking
+    threads = max(1, cpu_count() // workers)
+    print(f"running {workers} points at a time, {threads} thread(s) each (cluster.workers)", flush=True)
+    ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads, locks or MLflow clients
+    pool = [_Worker(ctx, threads) for _ in range(workers)]
+    rows = [{"point": pl.point.label, "seed": pl.point.seed, "run": pl.run_id, "status": "KILLED", "metrics": {},
+             "wall_s": 0.0} for pl in todo]
+    pending, ended = list(range(len(todo))), set()
+
+    def ready(i: int) -> bool:  # an `after` point waits for its trainer of this launch to end
+        after = todo[i].after if todo[i].pretrain == "after" else None
+        return not any(after is pl and j not in ended for j, pl in enumerate(todo))
+
+    try:
+        while pending or any(w.job for w in pool):
+            for w in pool:
+                if w.job is None and pending:
+                    i = next((i for i in pending if ready(i)), None)
+                    if i is None:
+                        if any(x.job for x in pool):
+                            break
+                        i = pending[0]  # nothing runs that it could wait for: let run_point say what is missing
+                    pending.remove(i)
+                    _started(i + 1, len(todo), todo[i])
+                    w.job = (i, time.perf_counter())
+                    w.conn.send((todo[i], uri, root))
+            busy = [w for w in pool if w.job]
+            wait([x for w in busy for x in (w.conn, w.proc.sentinel)])
+            for k, w in enumerate(pool):
+                if w.job is None or not (w.conn.poll() or not w.proc.is_alive()):
+                    continue
+                i, t0 = w.job
+                row = rows[i]
+                try:
+                    row["status"], row["metrics"], reason = w.conn.recv()
+                except EOFError:  # died without a word: nothing in it could mark its run
+                    w.proc.join(timeout=10)
+                    code = w.proc.exitcode
+                    if code == 0:  # its own Ctrl-C (SIGINT to the worker alone): run_point marked the run KILLED
+                        row["status"], reason = "KILLED", "its worker process was interrupted (SIGINT)"
+                    else:
+                        reason = (f"the worker process running it died ({signal.Signals(-code).name})"
+                                  if code and code < 0 else f"the worker process running it exited with code {code}")
+                        row["status"] = "FAILED"
+                        try:
+                            tracking.set_status(tracking.job_client(uri), todo[i].run_id, "FAILED", reason)
+                        except Exception as e:  # noqa: BLE001 - the launch marks it when it ends
+                            print(f"warning: could not mark run {todo[i].run_id} FAILED: {e}", file=sys.stderr)
+                    pool[k] = _Worker(ctx, threads)
+                row["wall_s"] = time.perf_counter() - t0
+                ended.add(i)
+                pool[k].job = None
+                _ended(row, reason, f"{todo[i].point.label}: ")
+    except BaseException:  # Ctrl-C / SIGTERM / a bug here: stop the points, each marks its run KILLED
+        for w in pool:
+            if w.job and w.proc.is_alive():
+                os.kill(w.proc.pid, signal.SIGINT)
+        raise
+    finally:
+        for w in pool:
+            if w.proc.is_alive() and not w.job:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+        for w in pool:
+            w.proc.join(timeout=120)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
     return rows
 
 
@@ -64,17 +260,19 @@ def print_summary(rows: list[dict], skipped: int, report_cmd: str | None) -> Non
 
 
 class Local(Backend):
-    """The points one after another in this process; ends with the summary and the report command."""
+    """The points on this machine (`cluster.workers` at a time); ends with the summary and the report command."""
 
     def describe(self, todo) -> str:
-        return f"dry run: nothing was started ({len(todo)} point(s) would run here, one after another)."
+        w = workers_for(self.cfg, len(todo))
+        how = "one after another" if w == 1 else f"{w} at a time, {max(1, cpu_count() // w)} thread(s) each"
+        return f"dry run: nothing was started ({len(todo)} point(s) would run here, {how})."
 
     def start(self, c, parent, todo, handed_over, skipped) -> int:
         import json
         import shlex
 
         from core import tracking
-        rows = run_all(todo, self.uri, self.root)
+        rows = run_all(todo, self.uri, self.root, workers_for(self.cfg, len(todo)))
         handed_over.update(pl.run_id for pl in todo)   # run_point ended each of them, one way or another
         failed = sum(r["status"] != "FINISHED" for r in rows)
         report = None
