@@ -34,13 +34,17 @@ Notes on the numbers:
     python bench/throughput.py --methods mcm --targets teacher \\
         --override teacher=clip_vit_b16 --override teacher.pretrained=random   # cost of a CLIP teacher
     python bench/throughput.py --loader                           # the input pipeline, embedded default
+    python bench/make_jpegs.py /tmp/jpegs && python bench/throughput.py --loader --models vit_tiny \
+        --override data.root=/tmp/jpegs --override data.num_workers=2      # ImageFolder of 500x375 JPEGs
     python bench/throughput.py --teacher                          # the default teacher: folded vs as packaged
 
 `--loader` times, for one point (default: the default sweep's MCM vit_micro on the embedded data, batch
 128), three things in interleaved rounds: the pre-training loader alone (core.data.pretrain_loader:
 sampling, augmentation, collation), the training step fed by that loader (core.train.train_step, as the
 loop runs it), and the same step on one synthetic batch. Step-through-loader / synthetic-step is the
-share of the device's rate the input pipeline keeps.
+share of the device's rate the input pipeline keeps. It also prints the launching process's CPU time per
+batch while loading alone (receiving batches from workers, pinning, the copy): on a GPU that process must
+also launch the step's kernels.
 """
 from __future__ import annotations
 
@@ -325,7 +329,7 @@ def loader_bench(args, device: torch.device) -> dict:
     """img/s of the loader alone, of the step fed by the loader and of the step on synthetic input, in
     `args.rounds` interleaved rounds of `args.steps` batches each (medians over rounds), so load from
     other processes hits all three alike."""
-    from core.data import load_split, pretrain_loader
+    from core.data import load_split, pretrain_loader, to_device
     from omegaconf import OmegaConf
 
     model_name = args.models[0] if args.models != DEFAULT_MODELS.split(",") else "vit_micro"
@@ -338,30 +342,42 @@ def loader_bench(args, device: torch.device) -> dict:
     p = build_point(cfg, teacher, device, args.seed)
     split = load_split(cfg.data, "train")
     steps, rounds = args.steps or 10, args.rounds
-    total = rounds * steps * 3 + 8
-
-    def batches():  # one endless stream, as the training loop reads it
-        return iter(pretrain_loader(split, cfg.data, cfg.model.input_size, batch, cfg.seed, 0, total))
-
-    stream = batches()
+    loader = pretrain_loader(split, cfg.data, cfg.model.input_size, batch, cfg.seed, 0, 10 ** 9)
+    # Workers keep up to `ahead` batches ready while the step runs; the loader-alone phase takes those
+    # untimed first, else it would time batches made during the step.
+    ahead = loader.num_workers * (loader.prefetch_factor or 0)
+    alone = max(steps, 2 * ahead)
+    stream = iter(loader)  # one stream, as the training loop reads it
     for _ in range(2):  # warm-up: allocator, teacher, first batches
         imgs, _ = next(stream)
-        p.imgs = imgs.to(device)
+        p.imgs = to_device(imgs, device)
         train_step(p)
+    handed = f"{imgs.dtype} {imgs.element_size() * imgs[0].numel() / 1024:.0f} KiB/image"
     synthetic = p.imgs.clone()
     rates = {"loader alone": [], "step through loader": [], "step on synthetic input": []}
+    # The launching process's CPU time per batch while only loading (what it cannot spend on the step):
+    # taking the batch from the workers, and moving it to the device (pinned copy; on a CPU device, the scaling).
+    cpu_ms = {"receiving": [], "to the device": []}
     for _ in range(rounds):
+        for _ in range(ahead):
+            next(stream)
         sync(device)
+        t, took = time.perf_counter(), {k: 0.0 for k in cpu_ms}
+        for _ in range(alone):
+            c = time.process_time()
+            imgs, _ = next(stream)
+            c2 = time.process_time()
+            to_device(imgs, device)
+            took["receiving"] += c2 - c
+            took["to the device"] += time.process_time() - c2
+        sync(device)
+        rates["loader alone"].append(alone * batch / (time.perf_counter() - t))
+        for k, v in took.items():
+            cpu_ms[k].append(v / alone * 1e3)
         t = time.perf_counter()
         for _ in range(steps):
             imgs, _ = next(stream)
-            imgs.to(device, non_blocking=True)
-        sync(device)
-        rates["loader alone"].append(steps * batch / (time.perf_counter() - t))
-        t = time.perf_counter()
-        for _ in range(steps):
-            imgs, _ = next(stream)
-            p.imgs = imgs.to(device, non_blocking=True)
+            p.imgs = to_device(imgs, device)
             train_step(p)
         sync(device)
         rates["step through loader"].append(steps * batch / (time.perf_counter() - t))
@@ -373,12 +389,16 @@ def loader_bench(args, device: torch.device) -> dict:
         rates["step on synthetic input"].append(steps * batch / (time.perf_counter() - t))
     out = {k: statistics.median(v) for k, v in rates.items()}
     print(f"{cfg.method.name} {model_name} {cfg.method.target}, data {cfg.data.name} ({len(split.dataset)} "
-          f"images), batch {batch}, {rounds} rounds x {steps} batches (medians):")
+          f"images, {loader.num_workers} loader workers, handed over as {handed}), batch {batch}, "
+          f"{rounds} rounds x {steps} batches (medians):")
     for k, v in out.items():
         print(f"  {k:24s} {v:9.1f} img/s   (rounds: {', '.join(f'{r:.0f}' for r in rates[k])})")
+    print("  main-process CPU while loading alone: " + ", ".join(
+        f"{k} {statistics.median(v):.1f} ms/batch" for k, v in cpu_ms.items()))
     ratio = out["step through loader"] / out["step on synthetic input"]
     print(f"  step through loader / step on synthetic input = {ratio:.1%}")
-    return {"config": OmegaConf.to_container(cfg.data), "batch": batch, "rates": rates, "medians": out}
+    return {"config": OmegaConf.to_container(cfg.data), "batch": batch, "handed_over": handed, "rates": rates,
+            "medians": out, "main_cpu_ms_per_batch": cpu_ms}
 
 
 def teacher_bench(args, device: torch.device) -> dict:

@@ -18,12 +18,16 @@ Two paths, same rules:
   counter-based hash of the sample seed (`uniforms`), and every crop is resampled by two per-sample
   matrices (rows, columns) holding torch's antialiased bilinear weights, with the flip folded into the
   column matrix: one batched matmul for the batch, equal to torchvision's resized_crop of the same box;
-- ImageFolder (PIL images): `Augmented`, torchvision v2 per sample in DataLoader workers.
+- ImageFolder (PIL images): `Augmented`, torchvision v2 per sample in DataLoader workers. Its crops stay
+  uint8 (resampling a uint8 image rounds to uint8 anyway), so workers, pinning and the host-to-device copy
+  move a quarter of float32's bytes; `to_device` scales them to [0, 1] on the device, with torchvision's
+  own arithmetic (ToDtype(scale=True): float32 times 1/255), so the values are the same to the bit.
 """
 from __future__ import annotations
 
 import gzip
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +109,8 @@ def _to_tensor(img) -> torch.Tensor:
 
 
 class Augmented(Dataset):
-    """Pre-training view: item (index, sample_seed) -> (float image in [0, 1], label)."""
+    """Pre-training view: item (index, sample_seed) -> (image, label); a uint8 image stays uint8 (0-255,
+    see `to_device`), a float one stays float in [0, 1]."""
 
     def __init__(self, base: Dataset, input_size: int, crop_scale=(0.2, 1.0), hflip: bool = True):
         from torchvision.transforms import v2
@@ -113,7 +118,7 @@ class Augmented(Dataset):
         ops = [v2.RandomResizedCrop(input_size, scale=tuple(crop_scale), antialias=True)]
         if hflip:
             ops.append(v2.RandomHorizontalFlip())
-        self.transform = v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True)])
+        self.transform = v2.Compose(ops)
 
     def __len__(self):
         return len(self.base)
@@ -221,6 +226,31 @@ class BatchAugmented(Dataset):
         return out.clamp_(0.0, 1.0), self.labels[ids]
 
 
+MAX_AUTO_WORKERS = 16  # 15 workers decoded 11,600 img/s of 500x375 JPEGs on the GPU machine (ENV.md)
+
+
+def loader_workers(cfg_data) -> int:
+    """`data.num_workers`: an integer >= 0 as given, or auto = the CPUs this process may use (its affinity:
+    what SLURM's --cpus-per-task binds), shared by the training processes of this node (LOCAL_WORLD_SIZE),
+    less one for the process itself, at most MAX_AUTO_WORKERS."""
+    w = cfg_data.get("num_workers", 0)
+    if w != "auto":
+        return int(w)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    per_process = cpus // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return max(0, min(per_process - 1, MAX_AUTO_WORKERS))
+
+
+def to_device(imgs: torch.Tensor, device) -> torch.Tensor:
+    """A batch from `pretrain_loader` -> float32 in [0, 1] on `device`. uint8 batches are copied as uint8
+    (asynchronously from pinned memory) and scaled there exactly as torchvision's ToDtype(scale=True) does."""
+    imgs = imgs.to(device, non_blocking=True)
+    return imgs.to(torch.float32).mul_(1.0 / 255) if imgs.dtype == torch.uint8 else imgs
+
+
 def in_memory(ds: Dataset):
     """(images [N, C, H, W], labels [N]) of a TensorImages (or a Subset of one), else None."""
     if isinstance(ds, torch.utils.data.Subset) and isinstance(ds.dataset, TensorImages):
@@ -280,9 +310,10 @@ class ResumableBatchSampler(Sampler):
 
 def pretrain_loader(split: Split, cfg_data, input_size: int, batch_size: int, seed: int, start_step: int,
                     total_steps: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Batches (float images in [0, 1], labels) for global steps [start_step, total_steps)."""
+    """Batches (images, labels) for global steps [start_step, total_steps): float in [0, 1], or uint8 0-255 from
+    ImageFolder; `to_device` makes either float in [0, 1] on the device."""
     sampler = ResumableBatchSampler(len(split.dataset), batch_size, seed, start_step, total_steps, rank, world_size)
-    workers, pin = cfg_data.num_workers, torch.cuda.is_available()
+    workers, pin = loader_workers(cfg_data), torch.cuda.is_available()
     # A private generator: creating the iterator must not draw from the global RNG, whose state the
     # checkpoint restores (else a resumed job's masks would shift by one draw).
     tensors = in_memory(split.dataset)
@@ -299,7 +330,7 @@ def pretrain_loader(split: Split, cfg_data, input_size: int, batch_size: int, se
 
 def eval_loader(split: Split, cfg_data, input_size: int, batch_size: int) -> DataLoader:
     return DataLoader(Plain(split.dataset, input_size), batch_size=batch_size, shuffle=False,
-                      num_workers=cfg_data.num_workers)
+                      num_workers=loader_workers(cfg_data), pin_memory=torch.cuda.is_available())
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:

@@ -112,7 +112,7 @@ def run(encoder, cfg, train_split, test_split, device) -> dict:
     np.random.seed(cfg.seed)
     view = TrainView(train_split.dataset, cfg.model.input_size, f.crop_scale, f.rand_augment, cfg.data.mean)
     batch = min(f.batch_size, len(view)) // 2 * 2  # Mixup needs an even batch
-    loader = DataLoader(view, batch_size=batch, shuffle=True, drop_last=True, num_workers=cfg.data.num_workers,
+    loader = DataLoader(view, batch_size=batch, shuffle=True, drop_last=True, num_workers=data_lib.loader_workers(cfg.data),
                         generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
     mix = None
     if f.mixup > 0 or f.cutmix > 0:

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from core.data import loader_workers
 from core.evaluate import normalise, progress, tokens_at, warmup_cosine
 
 IGNORE = 255
@@ -113,7 +114,7 @@ def patch_features(encoder, ds: Dataset, cfg, device, desc: str):
     layer = cfg.evaluate.seg_linear.layer % encoder.depth
     g = encoder.grid
     feats, labels = [], []
-    loader = DataLoader(ds, batch_size=cfg.evaluate.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    loader = DataLoader(ds, batch_size=cfg.evaluate.batch_size, shuffle=False, num_workers=loader_workers(cfg.data))
     with progress(len(ds), desc) as bar:
         for imgs, lab in loader:
             t = tokens_at(encoder, normalise(imgs, cfg, device), [layer])[layer][:, encoder.num_prefix:]

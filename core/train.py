@@ -266,7 +266,7 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
         bad_step.zero_()
 
     for imgs, _ in loader:
-        imgs = imgs.to(device, non_blocking=True)
+        imgs = data_lib.to_device(imgs, device)
         lr_now = lr_at(step, total, warmup, lr, p.min_lr)
         set_lr(opt, lr_now)
         model.seed(mask_seed(cfg.seed, rank, step))

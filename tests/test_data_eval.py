@@ -49,9 +49,55 @@ def test_imagefolder_reads_an_imagenet_layout(tmp_path):
     split = load_split(_data(source="imagefolder", root=str(tmp_path), num_classes=2), "train")
     view = Augmented(split.dataset, input_size=32)
     img, label = view[(0, 123)]
-    assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8    # scaled to [0, 1] on the device
     assert torch.equal(view[(0, 123)][0], img)                 # same seed, same augmentation
     assert not torch.equal(view[(0, 124)][0], img)
+
+
+def test_imagefolder_batches_travel_as_uint8_and_equal_torchvisions_float_pipeline(tmp_path):
+    """The loader hands over uint8; to_device's float is torchvision's RandomResizedCrop + flip +
+    ToDtype(float32, scale=True) of the same sample under the same seed, to the bit."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from core.data import pretrain_loader, to_device
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (45, 60, 3), np.uint8)).save(tmp_path / "train" / cls / f"{i}.jpg")
+    cfg = _data(source="imagefolder", root=str(tmp_path), num_classes=2, crop_scale=[0.2, 1.0], hflip=True,
+                num_workers=0)
+    split = load_split(cfg, "train")
+    imgs, labels = next(iter(pretrain_loader(split, cfg, 32, 8, seed=5, start_step=0, total_steps=1)))
+    assert imgs.dtype == torch.uint8 and imgs.shape == (8, 3, 32, 32)
+    got = to_device(imgs, torch.device("cpu"))
+    assert got.dtype == torch.float32
+
+    reference = v2.Compose([v2.RandomResizedCrop(32, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                            v2.ToDtype(torch.float32, scale=True)])
+    batch = next(iter(ResumableBatchSampler(len(split.dataset), 8, seed=5, start_step=0, total_steps=1)))
+    for k, (index, seed) in enumerate(batch):
+        pil, label = split.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            want = reference(v2.functional.pil_to_tensor(pil))
+        assert torch.equal(got[k], want) and labels[k] == label
+
+
+def test_auto_loader_workers_follow_this_process_cpus_and_the_ranks_on_the_node(monkeypatch):
+    from core.data import MAX_AUTO_WORKERS, loader_workers
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(12)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(_data(num_workers="auto")) == 11          # all but one CPU for the loader
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers(_data(num_workers="auto")) == 2           # 12 CPUs shared by 4 ranks: 3 each, less one
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(256)))
+    assert loader_workers(_data(num_workers="auto")) == MAX_AUTO_WORKERS
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert loader_workers(_data(num_workers="auto")) == 0           # one CPU: load in the training process
+    assert loader_workers(_data(num_workers=3)) == 3                # an integer is taken as given
 
 
 def test_batch_order_is_a_function_of_seed_and_step():

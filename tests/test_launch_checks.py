@@ -40,6 +40,8 @@ def _refused(res, key: str, *words: str) -> None:
     (["sweep=mcm_mask_ratio", "data.root=/tmp"], "data.root", ["data.source=embedded"]),
     (["sweep=mcm_mask_ratio", "data.crop_scale=0.5"], "data.crop_scale", ["[lo, hi]"]),
     (["sweep=mcm_mask_ratio", "pretrain.betas=0.9"], "pretrain.betas", ["beta1, beta2"]),
+    (["sweep=mcm_mask_ratio", "data.num_workers=-1"], "data.num_workers", ["auto or an integer >= 0"]),
+    (["sweep=mcm_mask_ratio", "data.num_workers=many"], "data.num_workers", ["auto or an integer >= 0"]),
 ])
 def test_bad_input_is_refused_in_one_line_before_anything(tmp_path, args, key, words):
     out = tmp_path / "out"

@@ -79,6 +79,30 @@ def test_interrupted_job_resumes_bit_for_bit(cfg, tmp_path, how, raises, checkpo
     assert _metrics(ref_log) == _metrics(log_a)
 
 
+def test_an_imagefolder_job_resumes_bit_for_bit_through_loader_workers(compose, tmp_path):
+    """JPEGs decoded and cropped in 2 DataLoader workers, handed over as uint8 and scaled on the device:
+    a job stopped at step 5 and restarted (new workers, new iterator) ends with the uninterrupted weights."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in range(3):
+        (tmp_path / "tree" / "train" / f"c{cls}").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (36, 48, 3), np.uint8)).save(tmp_path / "tree" / "train" / f"c{cls}" / f"{i}.jpg")
+    cfg = compose(*TINY, "data=imagenet", f"data.root={tmp_path / 'tree'}", "data.num_workers=2", "data.num_classes=3",
+                  "data.train_limit=null", "pretrain.batch_size=8", "pretrain.epochs=3", "pretrain.max_steps=8", "pretrain.checkpoint_every=3",
+                  "pretrain.log_every=1", "method.target=norm_pixel")
+    ref, ref_log = _run(cfg, tmp_path / "ref.pt")
+    log_a = FlushedLog()
+    with pytest.raises(Preempted):
+        pretrain(cfg, build_model(cfg), None, load_split(cfg.data, "train"), tmp_path / "job.pt", log_a,
+                 torch.device("cpu"), _stop_after(5))
+    resumed, _ = _run(cfg, tmp_path / "job.pt", log=FlushedLog(store=log_a.flushed))
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert _metrics(ref_log) == _metrics(log_a)
+
+
 def test_checkpoint_is_replaced_atomically(cfg, tmp_path):
     _run(cfg, tmp_path / "job.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["job.pt"]  # no temp file left behind
