@@ -357,6 +357,7 @@ def loader_bench(args, device: torch.device) -> dict:
     rates = {"loader alone": [], "step through loader": [], "step on synthetic input": []}
     # The launching process's CPU time per batch while only loading (what it cannot spend on the step):
     # taking the batch from the workers, and moving it to the device (pinned copy; on a CPU device, the scaling).
+    # process_time counts all its threads (the pin-memory thread too), so the split is approximate.
     cpu_ms = {"receiving": [], "to the device": []}
     for _ in range(rounds):
         for _ in range(ahead):
@@ -390,10 +391,10 @@ def loader_bench(args, device: torch.device) -> dict:
     out = {k: statistics.median(v) for k, v in rates.items()}
     print(f"{cfg.method.name} {model_name} {cfg.method.target}, data {cfg.data.name} ({len(split.dataset)} "
           f"images, {loader.num_workers} loader workers, handed over as {handed}), batch {batch}, "
-          f"{rounds} rounds x {steps} batches (medians):")
+          f"{rounds} rounds of {alone} batches loaded alone and {steps} steps each way (medians):")
     for k, v in out.items():
         print(f"  {k:24s} {v:9.1f} img/s   (rounds: {', '.join(f'{r:.0f}' for r in rates[k])})")
-    print("  main-process CPU while loading alone: " + ", ".join(
+    print("  launching process's CPU (all its threads) while loading alone: " + ", ".join(
         f"{k} {statistics.median(v):.1f} ms/batch" for k, v in cpu_ms.items()))
     ratio = out["step through loader"] / out["step on synthetic input"]
     print(f"  step through loader / step on synthetic input = {ratio:.1%}")

@@ -131,6 +131,7 @@ def _serve(conn, threads: int) -> None:
     import torch
     os.setpgrp()  # Ctrl-C in a terminal reaches the launch only; it tells each worker once (SIGINT)
     torch.set_num_threads(threads)
+    os.environ["MIMSWEEP_WORKER_CPUS"] = str(threads)  # data.num_workers=auto shares the CPUs, too
     parent, orphan = os.getppid(), threading.Event()
 
     def interrupted(_signum, _frame):  # -> run_point marks its run KILLED with this reason

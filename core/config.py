@@ -164,10 +164,12 @@ def validate(cfg) -> None:
               "For Fashion-MNIST: `apt-get install dataset-fashion-mnist`; for ImageNet set data.root or $IMAGENET_ROOT.")
     for split in ("train_limit", "test_limit"):
         check_number(cfg, f"data.{split}", 1, integer=True, optional=True)
+    from core.data import MAX_AUTO_WORKERS
     w = cfg.data.get("num_workers", 0)
     check(w == "auto" or (isinstance(w, int) and not isinstance(w, bool) and w >= 0), "data.num_workers", w,
           "must be auto or an integer >= 0 (DataLoader worker processes; 0 = load in the training process)",
-          "auto = the CPUs this process may use, less one, at most 16.")
+          f"auto = the CPUs this process may use (shared by the node's training processes), less one, at most "
+          f"{MAX_AUTO_WORKERS}.")
 
     request = method.teacher_request(cfg)
     if request is not None:

@@ -230,9 +230,11 @@ MAX_AUTO_WORKERS = 16  # 15 workers decoded 11,600 img/s of 500x375 JPEGs on the
 
 
 def loader_workers(cfg_data) -> int:
-    """`data.num_workers`: an integer >= 0 as given, or auto = the CPUs this process may use (its affinity:
-    what SLURM's --cpus-per-task binds), shared by the training processes of this node (LOCAL_WORLD_SIZE),
-    less one for the process itself, at most MAX_AUTO_WORKERS."""
+    """`data.num_workers`: an integer >= 0 as given, or auto = the CPUs this process may use, less one for
+    the process itself, at most MAX_AUTO_WORKERS. The CPUs: its affinity, capped by SLURM's
+    $SLURM_CPUS_PER_TASK (a site that does not bind tasks to their CPUs still gives each its share) and by
+    $MIMSWEEP_WORKER_CPUS (the threads of a local launch's worker process, cluster/local.py), then shared by
+    the training processes torchrun started on this node ($LOCAL_WORLD_SIZE)."""
     w = cfg_data.get("num_workers", 0)
     if w != "auto":
         return int(w)
@@ -240,6 +242,9 @@ def loader_workers(cfg_data) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
+    for cap in ("SLURM_CPUS_PER_TASK", "MIMSWEEP_WORKER_CPUS"):
+        if os.environ.get(cap, "").isdigit():
+            cpus = min(cpus, int(os.environ[cap]))
     per_process = cpus // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
     return max(0, min(per_process - 1, MAX_AUTO_WORKERS))
 

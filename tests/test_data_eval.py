@@ -88,7 +88,8 @@ def test_imagefolder_batches_travel_as_uint8_and_equal_torchvisions_float_pipeli
 def test_auto_loader_workers_follow_this_process_cpus_and_the_ranks_on_the_node(monkeypatch):
     from core.data import MAX_AUTO_WORKERS, loader_workers
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(12)))
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_CPUS_PER_TASK", "MIMSWEEP_WORKER_CPUS"):
+        monkeypatch.delenv(var, raising=False)
     assert loader_workers(_data(num_workers="auto")) == 11          # all but one CPU for the loader
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert loader_workers(_data(num_workers="auto")) == 2           # 12 CPUs shared by 4 ranks: 3 each, less one
@@ -98,6 +99,11 @@ def test_auto_loader_workers_follow_this_process_cpus_and_the_ranks_on_the_node(
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert loader_workers(_data(num_workers="auto")) == 0           # one CPU: load in the training process
     assert loader_workers(_data(num_workers=3)) == 3                # an integer is taken as given
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")                  # a site that does not bind tasks to CPUs
+    assert loader_workers(_data(num_workers="auto")) == 7
+    monkeypatch.setenv("MIMSWEEP_WORKER_CPUS", "2")                 # one of a local launch's parallel workers
+    assert loader_workers(_data(num_workers="auto")) == 1
 
 
 def test_batch_order_is_a_function_of_seed_and_step():
