@@ -25,19 +25,13 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from cluster.backend import Backend
+from core.data import cpu_count
 from core.job import run_point
 from core.tracking import TrackingUnavailable
 from core.train import DiskFull, NonFiniteLoss
 
 # Failures whose message says all (what happened, what to do): no traceback for them.
 EXPLAINED = (DiskFull, NonFiniteLoss, TrackingUnavailable)
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def workers_for(cfg, n_points: int) -> int:

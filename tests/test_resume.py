@@ -65,9 +65,13 @@ def _metrics(log):
     ("crashed", RuntimeError, 3),
 ])
 def test_interrupted_job_resumes_bit_for_bit(cfg, tmp_path, how, raises, checkpoint_step):
+    stop = _stop_after(5) if how == "stopped" else _stop_after(5, RuntimeError("node died"))
+    _interrupt_resume_and_compare(cfg, tmp_path, stop, raises, checkpoint_step)
+
+
+def _interrupt_resume_and_compare(cfg, tmp_path, stop, raises, checkpoint_step):
     ref, ref_log = _run(cfg, tmp_path / "ref.pt")
     log_a = FlushedLog()
-    stop = _stop_after(5) if how == "stopped" else _stop_after(5, RuntimeError("node died"))
     with pytest.raises(raises):
         pretrain(cfg, build_model(cfg), None, load_split(cfg.data, "train"), tmp_path / "job.pt", log_a,
                  torch.device("cpu"), stop)
@@ -89,18 +93,11 @@ def test_an_imagefolder_job_resumes_bit_for_bit_through_loader_workers(compose, 
         (tmp_path / "tree" / "train" / f"c{cls}").mkdir(parents=True)
         for i in range(12):
             Image.fromarray(rng.integers(0, 255, (36, 48, 3), np.uint8)).save(tmp_path / "tree" / "train" / f"c{cls}" / f"{i}.jpg")
-    cfg = compose(*TINY, "data=imagenet", f"data.root={tmp_path / 'tree'}", "data.num_workers=2", "data.num_classes=3",
-                  "data.train_limit=null", "pretrain.batch_size=8", "pretrain.epochs=3", "pretrain.max_steps=8", "pretrain.checkpoint_every=3",
-                  "pretrain.log_every=1", "method.target=norm_pixel")
-    ref, ref_log = _run(cfg, tmp_path / "ref.pt")
-    log_a = FlushedLog()
-    with pytest.raises(Preempted):
-        pretrain(cfg, build_model(cfg), None, load_split(cfg.data, "train"), tmp_path / "job.pt", log_a,
-                 torch.device("cpu"), _stop_after(5))
-    resumed, _ = _run(cfg, tmp_path / "job.pt", log=FlushedLog(store=log_a.flushed))
-    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert _metrics(ref_log) == _metrics(log_a)
+    cfg = compose(*TINY, "data=imagenet", f"data.root={tmp_path / 'tree'}", "data.num_workers=2",
+                  "data.num_classes=3", "data.train_limit=null", "pretrain.batch_size=8", "pretrain.epochs=3",
+                  "pretrain.max_steps=8", "pretrain.checkpoint_every=3", "pretrain.log_every=1",
+                  "method.target=norm_pixel")
+    _interrupt_resume_and_compare(cfg, tmp_path, _stop_after(5), Preempted, checkpoint_step=5)
 
 
 def test_checkpoint_is_replaced_atomically(cfg, tmp_path):
