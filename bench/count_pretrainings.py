@@ -1,10 +1,10 @@
-"""How many pre-trainings the MCM sweeps need, old identity against new (core/identity.py). Plans, runs nothing.
+"""How many pre-trainings the MCM sweeps need, old identity against new (core/tracking/identity.py). Plans, runs nothing.
 
     python bench/count_pretrainings.py [--json] [--sweeps mcm_*]
 
 Every sweep file `sweeps/conf/sweep/mcm_*.yaml` is composed point by point as a launch composes it
 (sweeps/plan.py compose_point; not validated, so `preset=paper` counts offline too) and signed:
-- old, per sweep: the code before core/identity.py looked runs up inside one sweep only, so it pre-trained
+- old, per sweep: the code before core/tracking/identity.py looked runs up inside one sweep only, so it pre-trained
   the distinct whole-config signatures of each sweep: the sum over sweeps;
 - old, distinct: the distinct whole-config signatures over all the sweeps;
 - new: the distinct pre-training signatures over all the sweeps (a finished one is found store-wide).
@@ -27,7 +27,8 @@ def count(sweeps: list[str], extra: list[str]) -> dict:
     from hydra import compose
 
     from core.config import SEARCHPATH, signature
-    from core.identity import pretrain_signature
+    from core.methods import uses_teacher
+    from core.tracking.identity import pretrain_signature
     from sweeps.plan import compose_point, sweep_points, user_overrides
 
     per_sweep_old, old_all, new_all, points = 0, set(), set(), 0
@@ -39,7 +40,7 @@ def count(sweeps: list[str], extra: list[str]) -> dict:
         cache, old_here = {}, set()
         for p in pts:
             cfg = compose_point(user_overrides(overrides), p, cache)
-            old, new = signature(cfg), pretrain_signature(cfg)
+            old, new = signature(cfg), pretrain_signature(cfg, uses_teacher(cfg))
             old_here.add(old)
             old_all.add(old)
             new_all.add(new)

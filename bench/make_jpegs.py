@@ -38,7 +38,7 @@ def photo(gray: np.ndarray, height: int, width: int, rng: np.random.Generator) -
 def make(root: Path, count: int, height: int, width: int, quality: int, seed: int) -> list[Path]:
     from PIL import Image
 
-    from core.data import EMBEDDED
+    from core.training.data import EMBEDDED
     arrays = np.load(EMBEDDED)
     images, labels = arrays["train_images"], arrays["train_labels"]
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 """Training throughput and hardware utilisation of MAE / MCM pre-training steps.
 
 What: for every (method, model, target) asked for, build the model, optimiser and teacher exactly as
-core/train.py does, then time full training steps on random images -- target computation (the frozen
+core/training/loop.py does, then time full training steps on random images -- target computation (the frozen
 teacher's forward when target=teacher), student forward, backward and the AdamW step -- and count the
 FLOPs of one step with torch.utils.flop_counter.FlopCounterMode. The same run measures what a plain
 square matmul achieves on this machine with the same thread count and dtype, so every row can say what
@@ -39,8 +39,8 @@ Notes on the numbers:
     python bench/throughput.py --teacher                          # the default teacher: folded vs as packaged
 
 `--loader` times, for one point (default: the default sweep's MCM vit_micro on the embedded data, batch
-128), three things in interleaved rounds: the pre-training loader alone (core.data.pretrain_loader:
-sampling, augmentation, collation), the training step fed by that loader (core.train.train_step, as the
+128), three things in interleaved rounds: the pre-training loader alone (core.training.data.pretrain_loader:
+sampling, augmentation, collation), the training step fed by that loader (core.training.loop.train_step, as the
 loop runs it), and the same step on one synthetic batch. Step-through-loader / synthetic-step is the
 share of the device's rate the input pipeline keeps. It also prints the launching process's CPU time per
 batch while loading alone (receiving batches from workers, pinning, the copy): on a GPU that process must
@@ -69,12 +69,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from core import method as methods  # noqa: E402
+from core import methods  # noqa: E402
 from core.config import CONFIG_DIR, SEARCHPATH  # noqa: E402
-from core.flops import CPU_ATTENTION_FLOPS  # noqa: E402
-from core.teachers import build_teacher  # noqa: E402
-from core.train import build_model, build_optimizer, schedule  # noqa: E402
-from core.train import train_step as core_train_step  # noqa: E402
+from core.evaluation.flops import CPU_ATTENTION_FLOPS  # noqa: E402
+from core.targets.teachers import build_teacher  # noqa: E402
+from core.training.loop import build_model, build_optimizer, schedule  # noqa: E402
+from core.training.loop import train_step as core_train_step  # noqa: E402
 
 DEFAULT_METHODS = "mae,mcm,semanticmim"
 DEFAULT_MODELS = "vit_micro,vit_tiny,vit_small"  # vit_base: several minutes per point on 2 CPU cores
@@ -109,7 +109,7 @@ def pick(table: dict, model: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# One training step, as core.train.pretrain runs it
+# One training step, as core.training.loop.pretrain runs it
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -139,7 +139,7 @@ def build_point(cfg, teacher, device: torch.device, seed: int) -> Point:
 
 
 def train_step(p: Point, target_ctx=None, student_ctx=None) -> None:
-    """core.train.train_step, the loop's own step; the contexts wrap its two phases (FLOP counters, timers)."""
+    """core.training.loop.train_step, the loop's own step; the contexts wrap its two phases (FLOP counters, timers)."""
     p.model.seed(0)
     loss, finite = core_train_step(p.model, p.model, p.optimizer, p.scaler, p.imgs, p.mean, p.std, p.teacher,
                                    p.amp_dtype, p.cfg.pretrain.grad_clip, 1, target_ctx or nullcontext(),
@@ -249,7 +249,7 @@ def run_point(method: str, model: str, target: str, args, device: torch.device, 
         return None
     target = cfg.method.target
     teacher = None
-    if methods.get(cfg.method.name).teacher_request(cfg) is not None:
+    if methods.uses_teacher(cfg):
         from omegaconf import OmegaConf
         key = OmegaConf.to_yaml(cfg.teacher)
         if key not in teachers:  # one teacher per teacher config, shared by every point
@@ -329,7 +329,7 @@ def loader_bench(args, device: torch.device) -> dict:
     """img/s of the loader alone, of the step fed by the loader and of the step on synthetic input, in
     `args.rounds` interleaved rounds of `args.steps` batches each (medians over rounds), so load from
     other processes hits all three alike."""
-    from core.data import load_split, pretrain_loader, to_device
+    from core.training.data import load_split, pretrain_loader, to_device
     from omegaconf import OmegaConf
 
     model_name = args.models[0] if args.models != DEFAULT_MODELS.split(",") else "vit_micro"
@@ -337,7 +337,7 @@ def loader_bench(args, device: torch.device) -> dict:
     batch = args.batch or 128
     cfg = compose_point(method, model_name, args.targets[0], batch, args.precision, args.override)
     teacher = None
-    if methods.get(cfg.method.name).teacher_request(cfg) is not None:
+    if methods.uses_teacher(cfg):
         teacher = build_teacher(cfg.teacher).to(device)
     p = build_point(cfg, teacher, device, args.seed)
     split = load_split(cfg.data, "train")
@@ -407,8 +407,8 @@ def teacher_bench(args, device: torch.device) -> dict:
     paddings folded into its convolutions, channels-last) against the package's network as it is, in
     `args.rounds` interleaved rounds of `args.steps` batches (medians), and the largest difference of their
     outputs."""
-    from core.method import TeacherRequest
-    from core.teachers import EfficientNetLite0Teacher
+    from core.targets.teachers import TeacherRequest
+    from core.targets.teachers import EfficientNetLite0Teacher
 
     batch, steps = args.batch or 128, args.steps or 5
     torch.manual_seed(args.seed)

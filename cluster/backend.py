@@ -16,7 +16,9 @@ class Backend:
     - `describe(todo) -> str`: what a dry run prints about what would start;
     - `start(c, parent, todo, handed_over, skipped) -> exit code`: run or submit the points, whose runs now
       exist; put each point whose run a job now owns into `handed_over` (the launch marks the others
-      FAILED/KILLED if it fails) and end the launch run `parent`.
+      FAILED/KILLED if it fails) and end the launch run `parent`;
+    - `live_jobs(job_ids) -> {job id: state}`: those of the jobs still queued or running there (a backend
+      with no queue has none); the planner asks it through this interface, never a backend directly.
     """
 
     def __init__(self, cfg, uri: str, root: Path, sweep: str, task_overrides: list[str], raw_uri: str):
@@ -25,6 +27,9 @@ class Backend:
 
     def prepare(self, planned: list[Planned], todo: list[Planned], trained: list) -> list[Planned]:
         return todo
+
+    def live_jobs(self, job_ids: list[str]) -> dict[str, str]:
+        return {}
 
     def describe(self, todo: list[Planned]) -> str:
         raise NotImplementedError

@@ -135,7 +135,7 @@ REACH_TIMEOUT_S = 5.0
 def tracking_uri(uri: str, shown: str) -> None:
     """The scheme is one MLflow takes, and a server (or database host) answers within REACH_TIMEOUT_S:
     MLflow's own HTTP retries take minutes to give up on a server that is down."""
-    from core.tracking import reachable
+    from core.net import reachable
     scheme = uri.split(":", 1)[0].split("+")[0].lower() if "://" in uri or uri.startswith("databricks") else ""
     if scheme not in URI_SCHEMES:
         raise ConfigError("tracking.uri", shown, "must be an MLflow tracking URI: " + ", ".join(

@@ -24,9 +24,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cluster import checks
-from core import tracking
-from core.config import ConfigError
 from cluster.backend import Backend
+from core import methods, tracking
+from core.config import ConfigError
 from sweeps.plan import Planned, decide, plan, print_plan, resolve_after, user_overrides
 
 
@@ -75,7 +75,7 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     # once; a dry run writes nothing)
     trained = []
     if c is not None and (cfg.reuse == "store" or (cfg.reuse == "experiment" and exp_id)):
-        trained = tracking.pretrainings(c, write=not cfg.dry_run, exp_ids=None if cfg.reuse == "store" else [exp_id])
+        trained = tracking.pretrainings(c, methods.uses_teacher, write=not cfg.dry_run, exp_ids=None if cfg.reuse == "store" else [exp_id])
     decide(planned, tracking.point_runs(c, exp_id, name) if exp_id else [], trained)
     todo = _todo(planned)
     # every point to pre-train holds one checkpoint, one more is being written at a time, + 64 MiB (store, logs)
@@ -109,7 +109,7 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
                                                       [tracking.redact_text(o, raw_uri) for o in pl.point.overrides],
                                                       pl.legacy_sig, pl.cfg)
         resolve_after(planned, root)
-        for pl in todo:  # the identity tags (core/identity.py); old runs resumed here get them too
+        for pl in todo:  # the identity tags (core/tracking/identity.py); old runs resumed here get them too
             _tag_identity(c, pl, root)
         code = runner.start(c, parent, todo, handed_over, skipped=len(planned) - len(todo))
         return 1 if code or given_up else code

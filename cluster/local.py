@@ -25,10 +25,10 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from cluster.backend import Backend
-from core.data import cpu_count
+from core.training.data import cpu_count
 from core.job import run_point
 from core.tracking import TrackingUnavailable
-from core.train import DiskFull, NonFiniteLoss
+from core.training.loop import DiskFull, NonFiniteLoss
 
 # Failures whose message says all (what happened, what to do): no traceback for them.
 EXPLAINED = (DiskFull, NonFiniteLoss, TrackingUnavailable)

@@ -299,7 +299,7 @@ class Slurm(Backend):
         if not self.cfg.dry_run or shutil.which("sbatch"):
             max_array = preflight(self.cfg.cluster)
             if not self.cfg.dry_run:
-                skip_queued(planned, trained)
+                skip_queued(planned, trained, self.live_jobs)
                 todo = sorted((pl for pl in todo if pl.action in ("new", "resume")),
                               key=lambda pl: pl.pretrain == "after")
             self.arrays = prepare(todo, self.cfg.cluster, self.root, self.sweep, max_array, self.snap.path)
@@ -311,6 +311,9 @@ class Slurm(Backend):
             print("note: SLURM tasks will write to a SQLite file. That is fine on one machine; on a cluster's shared "
                   "filesystem many writers corrupt it: use a tracking server (tracking.uri=http://HOST:5000).")
         return todo
+
+    def live_jobs(self, job_ids):
+        return {j: st for j, st in queue_states(job_ids).items() if st in ACTIVE}
 
     def describe(self, todo) -> str:
         text = [f"--- sbatch script ({a['phase']}, {a['tasks']} task(s)) ---\n{a['script']}" for a in self.arrays]

@@ -21,7 +21,7 @@ def main(manifest_path: str) -> int:
     from core import tracking
     from core.config import REPO
     from core.job import run_point
-    from core.train import Preempted
+    from core.training.loop import Preempted
 
     manifest = json.loads(open(manifest_path).read())
     index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))

@@ -1,7 +1,8 @@
 """One grid point, start to finish: pre-train (resuming if a checkpoint exists), evaluate, track.
 
 This is the function a local launch calls in-process and a SLURM task calls on its node; it knows the
-MLflow run it writes into but nothing about sweeps, grids or reports.
+MLflow run it writes into but nothing about sweeps, grids or reports. `validate` is the one check of a
+point's resolved config, run by the planner before anything is created: each part checks its own keys.
 
 Distributed: when the environment says there are several processes (SLURM_NTASKS under srun, or
 torchrun's WORLD_SIZE), each process trains a shard of every batch under DistributedDataParallel
@@ -17,9 +18,28 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from core import tracking
+from core import config, methods, tracking
 
 PHASES = ("all", "pretrain", "evaluate")
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError (core.config) on the first bad value of a resolved point config: each part checks
+    its own keys (the method its `method.*`, the teacher only when the method asks for one)."""
+    from core.evaluation import evaluate as evaluation
+    from core.targets import teachers
+    from core.training import data
+
+    config.check_model(cfg)
+    method = methods.get(cfg.method.name)
+    method.check(cfg)
+    data.check_config(cfg)
+    request = method.teacher_request(cfg)
+    if request is not None:
+        teachers.check_config(cfg, request)
+    config.check_pretrain(cfg)
+    evaluation.check_config(cfg)
+    config.check_run(cfg)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -56,7 +76,7 @@ def log_artifacts(c, run_id: str, model, teacher, split, cfg, device) -> None:
     import json
     import tempfile
 
-    from core.data import Plain
+    from core.training.data import Plain
     view = Plain(split.dataset, cfg.model.input_size)
     imgs = torch.stack([view[i][0] for i in range(min(8, len(view)))]).to(device)
     mean = torch.tensor(cfg.data.mean, device=device).view(1, -1, 1, 1)
@@ -79,11 +99,10 @@ def log_artifacts(c, run_id: str, model, teacher, split, cfg, device) -> None:
 
 
 def _count_flops(cfg, run_id: str, c, log) -> dict:
-    """task=flops: FLOPs per image instead of training (core/flops.py); the run ends FINISHED."""
-    from core import flops
-    from core import method as methods
-    from core.teachers import build_teacher
-    needs_teacher = methods.get(cfg.method.name).teacher_request(cfg) is not None
+    """task=flops: FLOPs per image instead of training (core/evaluation/flops.py); the run ends FINISHED."""
+    from core.evaluation import flops
+    from core.targets.teachers import build_teacher
+    needs_teacher = methods.uses_teacher(cfg)
     results = flops.count(cfg, build_teacher(cfg.teacher) if needs_teacher else None)
     for k, v in results.items():
         log(k, v, 0)
@@ -97,14 +116,13 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
     """cfg: resolved point config (DictConfig or YAML text). Returns the evaluation metrics (rank 0).
 
     phase `evaluate` reads a finished pre-training checkpoint and trains nothing: `checkpoint` (another run's,
-    whose pre-training signature is this point's: core/identity.py), else this run's own in `workdir`.
+    whose pre-training signature is this point's: core/tracking/identity.py), else this run's own in `workdir`.
     A run that completes its pre-training records the checkpoint's absolute path in the tag
     `mimsweep.checkpoint`: later points of any sweep with the same pre-training signature evaluate it."""
-    from core import method as methods
-    from core.data import load_split
-    from core.evaluate import evaluate
-    from core.teachers import build_teacher
-    from core.train import (NonFiniteLoss, Preempted, build_model, load_checkpoint, pretrain, schedule,
+    from core.training.data import load_split
+    from core.evaluation.evaluate import evaluate
+    from core.targets.teachers import build_teacher
+    from core.training.loop import (NonFiniteLoss, Preempted, build_model, load_checkpoint, pretrain, schedule,
                             upgrade_state_dict)
 
     cfg = OmegaConf.create(cfg) if isinstance(cfg, str) else cfg
@@ -135,7 +153,7 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
             state = load_checkpoint(ckpt)
             if state is None or state["step"] < total:
                 raise RuntimeError(f"evaluation needs a finished pre-training checkpoint at {ckpt}")
-        needs_teacher = methods.get(cfg.method.name).teacher_request(cfg) is not None
+        needs_teacher = methods.uses_teacher(cfg)
         teacher = build_teacher(cfg.teacher).to(device) if needs_teacher else None
         model = build_model(cfg, teacher).to(device)
         if state is not None:  # evaluation only: the weights, nothing of the pre-training's run state or metrics
@@ -156,8 +174,8 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
                                what="artifacts")
         if phase != "pretrain" and lead:
             results = evaluate(model.encoder, cfg, train_split, test_split, device, workdir=workdir, run_id=run_id)
-            if cfg.evaluate.floor:  # same architecture and seed, untrained: computed once per key (core/floors.py)
-                from core.floors import floor_metrics
+            if cfg.evaluate.floor:  # same architecture and seed, untrained: computed once per key (core/evaluation/floors.py)
+                from core.evaluation.floors import floor_metrics
                 floor, floor_runs = floor_metrics(c, run_id, model.encoder, cfg, train_split, test_split, device)
                 results.update(floor)
                 if floor_runs:

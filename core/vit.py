@@ -3,7 +3,7 @@
 Blocks are timm's `Block` (fused scaled-dot-product attention where PyTorch has it). The encoder's
 parameter names are timm's `VisionTransformer` names (`cls_token`, `pos_embed`, `patch_embed.proj`,
 `blocks.i`, `norm`), so its state_dict exports to timm as it is (`timm_state_dict`) and an official MAE
-checkpoint loads into it by name (core/mae.py). This module adds what timm leaves to the caller: frozen
+checkpoint loads into it by name (core/methods/mae.py). This module adds what timm leaves to the caller: frozen
 sin-cos position embeddings in MAE's channel order, and MAE-style initialisation.
 """
 from __future__ import annotations

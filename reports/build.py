@@ -113,7 +113,7 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
         raise NothingToReport(f"no experiment '{experiment}' in the MLflow store {tracking.redact(uri)}.")
     from sweeps.plan import match
     points = tracking.point_runs(c, exp.experiment_id, sweep)   # one paged search for the sweep's tag
-    found = match(planned, points)                                 # the identity rules (core/identity.py)
+    found = match(planned, points)                                 # the identity rules (core/tracking/identity.py)
     used = {run.info.run_id for run in found.values() if run.info.status == tracking.FINISHED}
     others = len({r.info.run_id for r in points if r.info.status == tracking.FINISHED} - used)
     rows, trainers, params = [], {}, []
@@ -164,8 +164,8 @@ def describe(planned: list) -> str:
         + ("" if steps == "None" else f", at most {steps} steps")
         + f", batch {value('pretrain.batch_size')}",
     ]
-    from core import method as methods
-    if any(methods.get(pl.cfg.method.name).teacher_request(pl.cfg) is not None for pl in planned):
+    from core import methods
+    if any(methods.uses_teacher(pl.cfg) for pl in planned):
         parts.append(f"teacher {value('teacher.model')} ({value('teacher.pretrained')})")
     parts.append(f"target {value('method.target')}")
     if value("task") == "flops":

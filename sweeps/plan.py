@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from core import tracking
-from core import identity
-from core.config import SEARCHPATH, ConfigError, validate
+from core import methods
+from core.tracking import identity
+from core.config import SEARCHPATH, ConfigError
+from core.job import validate
 from sweeps.grid import Point, expand
 
 
@@ -25,9 +27,9 @@ from sweeps.grid import Point, expand
 class Planned:
     point: Point
     cfg: DictConfig
-    signature: str               # the pre-training signature (core/identity.py); names the work folder
+    signature: str               # the pre-training signature (core/tracking/identity.py); names the work folder
     eval_sig: str = ""           # the evaluation signature
-    legacy_sig: str = ""         # the whole-config signature of the code before core/identity.py
+    legacy_sig: str = ""         # the whole-config signature of the code before core/tracking/identity.py
     action: str = "new"          # the point run: new | resume | skip | queued | failed (cluster.max_attempts)
     run_id: str | None = None
     status: str | None = None    # status of the existing run, if any
@@ -51,7 +53,7 @@ class Planned:
         return "evaluate" if self.pretrain in ("reuse", "after") else "all"
 
     def identity_tags(self, root) -> dict:
-        """The run's identity tags (core/tracking.py create_point_run); `root`: the experiment's run folder."""
+        """The run's identity tags (core/tracking/runs.py create_point_run); `root`: the experiment's run folder."""
         from pathlib import Path
         tags = {"pretrain_signature": self.signature, "eval_signature": self.eval_sig,
                 "workdir": str(Path(root).resolve() / self.workdir_name)}
@@ -195,7 +197,8 @@ def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]
         except ConfigError as e:
             raise ConfigError(e.key, e.value, str(e).split(": ", 1)[1].rstrip("."),
                               f"(sweep {name}, point '{p.label}', seed {p.seed})") from None
-        sigs = identity.pretrain_signature(pc), identity.eval_signature(pc), identity.legacy_signature(pc)
+        sigs = (identity.pretrain_signature(pc, methods.uses_teacher(pc)), identity.eval_signature(pc),
+                identity.legacy_signature(pc))
         if pc.tracking.get("uri"):  # params, config.yaml and manifests never hold a password
             pc.tracking.uri = tracking.redact(pc.tracking.uri)
         planned.append(Planned(p, pc, *sigs))
@@ -204,7 +207,7 @@ def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]
 
 def match(planned: list[Planned], runs: list) -> dict:
     """{id(planned): its point run} among `runs` (oldest first; the latest wins): same (pre-training,
-    evaluation) signatures, or, for a run tracked before core/identity.py (no pretrain_signature tag), the same
+    evaluation) signatures, or, for a run tracked before core/tracking/identity.py (no pretrain_signature tag), the same
     legacy signature (the compatibility rule)."""
     pairs, legacy = {}, {}
     for r in runs:
@@ -224,7 +227,7 @@ def match(planned: list[Planned], runs: list) -> dict:
 
 
 def decide(planned: list[Planned], runs: list, trained: list = ()) -> None:
-    """The rules of core/identity.py. `runs`: the sweep's point runs; `trained`: the store's runs that
+    """The rules of core/tracking/identity.py. `runs`: the sweep's point runs; `trained`: the store's runs that
     pre-train themselves (core.tracking.pretrainings), where finished pre-trainings are looked up.
 
     The point run: FINISHED -> skip; FAILED cluster.max_attempts times -> failed (not run unless
@@ -284,29 +287,29 @@ def resolve_after(planned: list[Planned], root) -> None:
             pl.checkpoint = str(Path(root).resolve() / pl.after.workdir_name / "checkpoint.pt")
 
 
-def skip_queued(planned: list[Planned], trained: list = ()) -> None:
-    """SLURM only (one squeue/sacct call): points whose task is still pending or running are left alone, and
+def skip_queued(planned: list[Planned], trained: list, live_jobs) -> None:
+    """For a backend with a queue (SLURM): points whose task is still pending or running are left alone, and
     a pre-training that a task of an earlier launch (any sweep) is still running is waited for, not repeated:
-    the points that would pre-train it evaluate after that task instead."""
-    from cluster.slurm import ACTIVE, queue_states
+    the points that would pre-train it evaluate after that task instead. `live_jobs(job ids)` is the
+    backend's answer (cluster/backend.py): {job id: state} of those still queued or running, in one call."""
     live_runs = [r for r in trained if r.info.status in ("SCHEDULED", "RUNNING")
                  and not tracking.finished_checkpoint(r) and r.data.tags.get(tracking.TAG + "workdir")]
     task_of = lambda r: next((v for k, v in r.data.tags.items()  # noqa: E731
                               if k in (tracking.TAG + "slurm_job_all", tracking.TAG + "slurm_job_pretrain")), None)
     jobs = [j for pl in planned if pl.action == "resume" for j in pl.slurm_jobs]
     jobs += [task_of(r) for r in live_runs if task_of(r)]
-    states = queue_states(jobs)
+    states = live_jobs(jobs)
     for pl in planned:
-        live = [states[j] for j in pl.slurm_jobs if states.get(j) in ACTIVE]
+        live = [states[j] for j in pl.slurm_jobs if j in states]
         if pl.action == "resume" and live:
             pl.action, pl.status = "queued", live[0]
     for pl in planned:  # a trainer of this plan whose own task still runs: the others wait for that task
         t = pl.after
         if pl.pretrain == "after" and isinstance(t, Planned) and t.action == "queued":
-            pl.after = next((j for j in t.slurm_jobs if states.get(j) in ACTIVE), None)
+            pl.after = next((j for j in t.slurm_jobs if j in states), None)
     running = {}  # pre-training signature -> (run, its live task)
     for r in live_runs:
-        if states.get(task_of(r)) in ACTIVE:
+        if task_of(r) in states:
             running[r.data.tags[tracking.TAG + "pretrain_signature"]] = (r, task_of(r))
     for pl in planned:
         trainer = pl.after if isinstance(pl.after, Planned) else pl

@@ -15,10 +15,10 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-import core.train  # noqa: E402
+import core.training.loop  # noqa: E402
 from core.config import CONFIG_DIR, SEARCHPATH  # noqa: E402
 from core.job import run_point  # noqa: E402
-from core.mcm import MCM  # noqa: E402
+from core.methods.mcm import MCM  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 
 uri, run_id, workdir, out = sys.argv[1:5]
@@ -28,7 +28,7 @@ with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
 OmegaConf.resolve(cfg)
 rank = int(os.environ["RANK"])
 nan_at = int(os.environ.get("NAN_AT_STEP", "0"))
-original, forward, calls = core.train.pretrain, MCM.forward, {"n": 0}
+original, forward, calls = core.training.loop.pretrain, MCM.forward, {"n": 0}
 
 
 def pretrain_and_keep(*args, **kwargs):
@@ -47,6 +47,6 @@ def forward_and_record(self, x, targets):
     return loss, outputs
 
 
-core.train.pretrain = pretrain_and_keep
+core.training.loop.pretrain = pretrain_and_keep
 MCM.forward = forward_and_record
 run_point(cfg, run_id, uri, workdir)

@@ -5,7 +5,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from core.config import ConfigError, flatten, signature, validate
+from core.config import ConfigError, flatten, signature
+from core.job import validate
 from sweeps.grid import expand
 from tests.conftest import REPO, run_cli
 
@@ -66,7 +67,7 @@ def test_every_shipped_config_combination_validates(compose):
     for method in sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")):
         for model in ("vit_micro", "vit_tiny", "vit_small", "vit_base"):
             validate(compose(f"method={method}", f"model={model}"))
-    from core.teachers import pretrained_unavailable
+    from core.targets.teachers import pretrained_unavailable
     for teacher in ("efficientnet_lite0", "clip_vit_b16", "clip_vit_l14"):
         cfg = compose(f"teacher={teacher}")
         if cfg.teacher.kind == "open_clip" and pretrained_unavailable("open_clip", cfg.teacher.model, "openai"):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from core.data import Augmented, ResumableBatchSampler, load_split
-from core.evaluate import knn_top1, linear_top1
+from core.training.data import Augmented, ResumableBatchSampler, load_split
+from core.evaluation.knn import knn_top1
+from core.evaluation.linear_probe import linear_top1
 from tests.conftest import _need
 
 
@@ -60,7 +61,7 @@ def test_imagefolder_batches_travel_as_uint8_and_equal_torchvisions_float_pipeli
     from PIL import Image
     from torchvision.transforms import v2
 
-    from core.data import pretrain_loader, to_device
+    from core.training.data import pretrain_loader, to_device
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):
         (tmp_path / "train" / cls).mkdir(parents=True)
@@ -86,7 +87,7 @@ def test_imagefolder_batches_travel_as_uint8_and_equal_torchvisions_float_pipeli
 
 
 def test_auto_loader_workers_follow_this_process_cpus_and_the_ranks_on_the_node(monkeypatch):
-    from core.data import MAX_AUTO_WORKERS, loader_workers
+    from core.training.data import MAX_AUTO_WORKERS, loader_workers
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(12)))
     for var in ("LOCAL_WORLD_SIZE", "SLURM_CPUS_PER_TASK", "MIMSWEEP_WORKER_CPUS"):
         monkeypatch.delenv(var, raising=False)
@@ -129,7 +130,7 @@ def test_knn_and_linear_probe_on_separable_features():
 
 
 def test_bf16_autocast_step_trains(compose, tmp_path):
-    from core.train import build_model, pretrain
+    from core.training.loop import build_model, pretrain
     from tests.conftest import TINY
     from tests.test_resume import FlushedLog
     cfg = compose(*TINY, "pretrain.precision=bf16", "pretrain.max_steps=2", "method.target=norm_pixel",
@@ -152,7 +153,7 @@ def _torchvision_boxes(n, height, width, scale=(0.2, 1.0)):
 
 def test_crop_boxes_follow_torchvisions_random_resized_crop_rules():
     from scipy.stats import ks_2samp
-    from core.data import crop_params
+    from core.training.data import crop_params
     n, H, W = 20_000, 28, 28
     top, left, h, w, _ = crop_params(torch.arange(n) * 1_000_003 + 7, H, W, scale=(0.2, 1.0))
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
@@ -174,7 +175,7 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop_rules():
 @pytest.mark.parametrize("size", [28, 16, 64])  # same size, downscaling (antialiased), upscaling
 def test_a_batch_crop_equals_torchvisions_crop_of_the_same_box(size):
     from torchvision.transforms.v2 import functional as F
-    from core.data import crop_params, resized_crops
+    from core.training.data import crop_params, resized_crops
     imgs = load_split(_data(), "train").dataset.images[:64]
     top, left, h, w, flip = crop_params(torch.arange(64) + 99, 28, 28)
     ours = resized_crops(imgs, top, left, h, w, flip, size) / 255
@@ -188,7 +189,7 @@ def test_a_batch_crop_equals_torchvisions_crop_of_the_same_box(size):
 
 
 def test_half_the_samples_are_flipped_and_a_sample_view_ignores_its_batch():
-    from core.data import BatchAugmented, crop_params
+    from core.training.data import BatchAugmented, crop_params
     n = 20_000
     flips = crop_params(torch.arange(n) * 31 + 5, 28, 28)[4].double().mean().item()
     assert abs(flips - 0.5) < 4 * (0.25 / n) ** 0.5
@@ -204,7 +205,7 @@ def test_half_the_samples_are_flipped_and_a_sample_view_ignores_its_batch():
 
 
 def test_the_pretrain_loader_crops_in_memory_data_per_batch():
-    from core.data import pretrain_loader
+    from core.training.data import pretrain_loader
     cfg = _data(train_limit=512, crop_scale=[0.2, 1.0], hflip=True, num_workers=0)
     split = load_split(cfg, "train")
     loader = pretrain_loader(split, cfg, 28, 64, seed=0, start_step=0, total_steps=3)

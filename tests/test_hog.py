@@ -1,4 +1,4 @@
-"""HOG targets (core/hog.py) agree with scikit-image's reference HOG on real images, and land per patch in
+"""HOG targets (core/targets/hog.py) agree with scikit-image's reference HOG on real images, and land per patch in
 the order the ViT sees the patches."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.hog import hog, hog_patch_targets
+from core.targets.hog import hog, hog_patch_targets
 from core.vit import patchify
 
 skimage_feature = pytest.importorskip("skimage.feature", reason="pip install scikit-image (the test extra)")

@@ -1,4 +1,4 @@
-"""Run identity (core/identity.py): what a pre-training signature hashes, finished pre-trainings found across
+"""Run identity (core/tracking/identity.py): what a pre-training signature hashes, finished pre-trainings found across
 sweeps and experiments of one store, an evaluation change that pre-trains nothing, and runs tracked before
 the change (only the old `mimsweep.signature` tag) that keep being skipped or resumed."""
 import json
@@ -25,7 +25,12 @@ def _plan_lines(stdout):
 
 # ------------------------------------------------------------------------------------------- the rules
 def test_pretrain_signature_hashes_only_what_changes_pretraining(compose):
-    from core.identity import eval_signature, legacy_signature, pretrain_signature
+    from core.methods import uses_teacher
+    from core.tracking import identity
+    from core.tracking.identity import eval_signature, legacy_signature
+
+    def pretrain_signature(cfg):  # what the planner hashes: the method says whether it uses its teacher
+        return identity.pretrain_signature(cfg, uses_teacher(cfg))
     px = "method.target=norm_pixel"                   # MCM on pixels: no teacher asked for
     base = compose(px)
     p0, e0, l0 = pretrain_signature(base), eval_signature(base), legacy_signature(base)
@@ -188,7 +193,7 @@ def test_within_one_launch_a_pretraining_is_done_once(tmp_path):
 
 # ------------------------------------------------------------------------------------------- old runs
 def _old_code_runs(compose, tmp_path, compose_args, statuses):
-    """Point runs as the code before core/identity.py wrote them: tag `mimsweep.signature` (the whole-config
+    """Point runs as the code before core/tracking/identity.py wrote them: tag `mimsweep.signature` (the whole-config
     hash), params, config.yaml; no pretrain/eval signature, no checkpoint tag. -> {label: run id}."""
     from omegaconf import OmegaConf
 

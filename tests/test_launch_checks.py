@@ -71,7 +71,7 @@ def test_a_changed_grid_and_added_sweep_points_still_work(tmp_path):
 def test_offline_pretrained_tag_is_refused_naming_the_key(tmp_path):
     """The CLIP teacher's `openai` tag downloads from the hub: offline (HF_HUB_OFFLINE=1, as on these
     machines, or no network) and not in the local cache, it is refused before any run exists."""
-    from core.teachers import pretrained_unavailable
+    from core.targets.teachers import pretrained_unavailable
     if pretrained_unavailable("open_clip", "ViT-B-16", "openai") is None:
         pytest.skip("CLIP ViT-B/16 weights are in the local cache here")
     out = tmp_path / "out"
@@ -89,7 +89,7 @@ def test_pretrained_lookup_uses_the_libraries_sources(tmp_path, monkeypatch):
     """A tag found in the Hugging Face cache counts as available, with no network at all."""
     import huggingface_hub.constants as hc
 
-    from core.teachers import _weight_sources, pretrained_unavailable
+    from core.targets.teachers import _weight_sources, pretrained_unavailable
     files, url, _, _ = _weight_sources("open_clip", "ViT-B-16", "openai")
     assert files and files[0][0] == "timm/vit_base_patch16_clip_224.openai" and url.endswith("ViT-B-16.pt")
     repo, name = files[0]
@@ -111,7 +111,7 @@ def test_pretrained_tag_passes_when_the_hub_answers_and_fails_fast_when_not(monk
 
     import huggingface_hub.constants as hc
 
-    from core.teachers import pretrained_unavailable
+    from core.targets.teachers import pretrained_unavailable
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))

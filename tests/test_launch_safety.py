@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import TINY, run_cli
 
 # reuse=experiment: the session's MLflow server is shared by many tests, and a launch would otherwise evaluate
-# another test's finished pre-training of the same config instead of training its own (core/identity.py).
+# another test's finished pre-training of the same config instead of training its own (core/tracking/identity.py).
 SMALL = ["cluster=slurm", "cluster.cpus_per_task=1", "cluster.mem_gb=2", "cluster.time_min=20", "reuse=experiment"]
 SECRET = "s3cr3t-Pa55-7f1d"
 NL = "\n"

@@ -1,4 +1,4 @@
-"""MaskAlign (core/maskalign.py): Dynamic Alignment, top-K targets, visible-only loss, attentive masking,
+"""MaskAlign (core/methods/maskalign.py): Dynamic Alignment, top-K targets, visible-only loss, attentive masking,
 config errors and exact resume. Teachers are small random-init timm ViTs: fast, offline, real code paths."""
 import functools
 
@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.config import ConfigError, validate
-from core.maskalign import MaskAlign, init_align_matrix
-from core.method import TeacherRequest
-from core.targets import normalize_features
-from core.teachers import TimmTeacher, build_teacher
-from core.train import build_model, build_optimizer
+from core.config import ConfigError
+from core.job import validate
+from core.methods.maskalign import MaskAlign, init_align_matrix
+from core.targets.teachers import TeacherRequest
+from core.targets.normalize import normalize_features
+from core.targets.teachers import TimmTeacher, build_teacher
+from core.training.loop import build_model, build_optimizer
 from core.vit import ViTEncoder
 from tests.conftest import TINY
 
@@ -258,8 +259,8 @@ def test_top_k_beyond_the_built_teacher_depth_is_refused_at_build(compose):
 # ---- exact resume (tests/test_resume.py's protocol, with a teacher)
 
 def test_resumed_run_is_bit_identical(compose, tmp_path):
-    from core.data import load_split
-    from core.train import Preempted, pretrain
+    from core.training.data import load_split
+    from core.training.loop import Preempted, pretrain
     from tests.test_resume import FlushedLog, _metrics, _stop_after
 
     cfg = compose(*TINY, "method=maskalign", "teacher=vit_fmnist", "teacher.pretrained=random",

@@ -1,4 +1,4 @@
-"""The method contract (core/method.py): every shipped method passes one gate, and a method defined in a
+"""The method contract (core/methods/base.py): every shipped method passes one gate, and a method defined in a
 test file -- one class, nothing edited anywhere else -- validates, builds and trains."""
 from pathlib import Path
 
@@ -8,10 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from core import method as methods
-from core.config import CONFIG_DIR, ConfigError, validate
-from core.targets import pixel_targets
-from core.train import build_model, build_optimizer, train_step
+from core import methods
+from core.methods.base import Method
+from core.config import CONFIG_DIR, ConfigError
+from core.job import validate
+from core.targets.normalize import pixel_targets
+from core.training.loop import build_model, build_optimizer, train_step
 from core.vit import build_encoder
 from tests.conftest import TINY
 
@@ -47,7 +49,7 @@ def _compose(compose, method_file, target, *extra):
 
 @pytest.mark.parametrize("method_file, target", list(_cases()))
 def test_every_method_and_target_trains_one_step_with_a_gradient_everywhere(compose, method_file, target):
-    from core.teachers import build_teacher
+    from core.targets.teachers import build_teacher
     cfg = _compose(compose, method_file, target)
     validate(cfg)
     cls = methods.get(cfg.method.name)
@@ -73,7 +75,7 @@ def test_every_method_and_target_trains_one_step_with_a_gradient_everywhere(comp
 # ---- a method from outside core/ -------------------------------------------------------------------
 
 @methods.register
-class ToyReconstruction(methods.Method):
+class ToyReconstruction(Method):
     """Predict every patch's pixels from the intact image: no masking at all, one linear head."""
     name = "toy_reconstruction"
     targets = ("pixel",)
@@ -97,8 +99,8 @@ class ToyReconstruction(methods.Method):
 
 
 def test_a_method_registered_from_a_test_file_validates_builds_and_trains(compose, tmp_path):
-    from core.data import load_split
-    from core.train import pretrain
+    from core.training.data import load_split
+    from core.training.loop import pretrain
     from tests.test_resume import FlushedLog
     cfg = compose(*TINY, "method=mae", "pretrain.max_steps=2", "pretrain.log_every=1")
     cfg.method = OmegaConf.create({"name": "toy_reconstruction", "target": "pixel"})
@@ -130,8 +132,8 @@ def test_no_shared_module_dispatches_on_a_method_name():
     repo = Path(__file__).resolve().parents[1]
     names = "|".join(sorted({_method_name(f) for f in METHOD_FILES} | set(METHOD_FILES)))
     dispatch = re.compile(rf"""(==|!=|\bin)\s*[\(\[{{]?\s*["']({names})["']|["']({names})["']\s*(==|!=|:)"""
-                          rf"|from core\.({names}) import|import core\.({names})\b|\b(MAE|MCM|SemanticMIM|MaskAlign)\(")
-    for rel in ("core/train.py", "core/evaluate.py", "core/job.py", "core/flops.py", "bench/throughput.py"):
+                          rf"|from core\.methods\.({names}) import|import core\.methods\.({names})\b|\b(MAE|MCM|SemanticMIM|MaskAlign)\(")
+    for rel in ("core/training/loop.py", "core/evaluation/evaluate.py", "core/job.py", "core/evaluation/flops.py", "bench/throughput.py"):
         for i, line in enumerate((repo / rel).read_text().splitlines(), 1):
             code = line.split("#")[0]
             assert not dispatch.search(code), f"{rel}:{i} dispatches on a method: {line.strip()}"

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from core.mae import MAE, random_patch_masking
-from core.mcm import MCM
+from core.methods.mae import MAE, random_patch_masking
+from core.methods.mcm import MCM
 from core.vit import ViTEncoder, patchify
 
 

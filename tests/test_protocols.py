@@ -1,4 +1,4 @@
-"""Evaluation protocols (core/evaluate.py and one module per protocol): each learns on the embedded data
+"""Evaluation protocols (core/evaluation/evaluate.py and one module per protocol): each learns on the embedded data
 (beats the same protocol on the random-init floor), the floor is computed once per key, the external
 protocol runs a real command, and bad `evaluate.*` values are config errors.
 
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import ConfigError, validate
-from core.data import load_split
+from core.config import ConfigError
+from core.job import validate
+from core.training.data import load_split
 from tests.conftest import REPO, TINY, run_cli
 
 ASSETS = REPO / "core" / "assets"
@@ -47,12 +48,12 @@ def splits():
 
 
 def floor_of(encoder):
-    from core.floors import floor_encoder
+    from core.evaluation.floors import floor_encoder
     return floor_encoder(encoder, 0)
 
 
 def test_one_pass_features_equal_the_encoders_own(compose):
-    from core.evaluate import pooled, tokens_at
+    from core.evaluation.common import pooled, tokens_at
     enc = floor_of(trained_encoder())
     x = torch.randn(3, 1, 28, 28)
     toks = tokens_at(enc, x, [1, 5, -1])
@@ -62,7 +63,7 @@ def test_one_pass_features_equal_the_encoders_own(compose):
 
 
 def test_linear_grid_learns_every_layer_and_pooling(compose, splits):
-    from core.evaluate import evaluate
+    from core.evaluation.evaluate import evaluate
     cfg = compose(*FAST, "evaluate.protocols=[knn,linear]", "evaluate.linear.layers=[3,-1]",
                   "evaluate.linear.pools=[mean,cls]", "evaluate.linear.lrs=[0.01,0.3]", "evaluate.linear.epochs=10")
     validate(cfg)
@@ -79,7 +80,7 @@ def test_linear_grid_learns_every_layer_and_pooling(compose, splits):
 
 
 def test_lars_probe_learns(compose, splits):
-    from core.evaluate import evaluate
+    from core.evaluation.evaluate import evaluate
     cfg = compose(*FAST, "evaluate.protocols=[linear]", "evaluate.linear.optimizer=lars",
                   "evaluate.linear.warmup_epochs=2", "evaluate.linear.epochs=10", "evaluate.linear.lrs=[10,100]")
     validate(cfg)
@@ -87,7 +88,7 @@ def test_lars_probe_learns(compose, splits):
 
 
 def test_finetune_learns_and_beats_its_floor(compose, splits):
-    from core.evaluate import evaluate
+    from core.evaluation.evaluate import evaluate
     # the full recipe (Mixup + CutMix + RandAugment + label smoothing + drop path), 2 epochs of 1,000 images;
     # [CLS] head: the packaged encoder was trained through its [CLS] token
     cfg = compose(*FAST, "data.train_limit=1000", "evaluate.protocols=[finetune]", "evaluate.finetune.epochs=2",
@@ -109,7 +110,7 @@ def test_layer_decay_groups_as_mae(compose):
     layer_decay^(depth-i), head and norms 1 (MAE's lr_decay.py)."""
     from timm.optim import param_groups_layer_decay
 
-    from core.finetune import make_classifier
+    from core.evaluation.finetune import make_classifier
     cfg = compose(*FAST)
     groups = param_groups_layer_decay(make_classifier(trained_encoder(), cfg, 10), layer_decay=0.5)
     scale = {n: g["lr_scale"] for g in groups for n in g.get("param_names", [])}
@@ -121,7 +122,7 @@ def test_layer_decay_groups_as_mae(compose):
 
 
 def test_finetune_view_augments_gray_images(compose, splits):
-    from core.finetune import TrainView
+    from core.evaluation.finetune import TrainView
     view = TrainView(splits[0].dataset, 28, (0.5, 1.0), "rand-m9-mstd0.5-inc1", [0.286])
     imgs = torch.stack([view[0][0] for _ in range(8)])
     assert imgs.shape == (8, 1, 28, 28) and imgs.dtype == torch.float32 and 0 <= imgs.min() and imgs.max() <= 1
@@ -129,7 +130,7 @@ def test_finetune_view_augments_gray_images(compose, splits):
 
 
 def test_fashion_mnist_pixel_labels():
-    from core.seg_probe import fmnist_labels, miou
+    from core.evaluation.seg_probe import fmnist_labels, miou
     imgs = torch.zeros(2, 1, 4, 4)
     imgs[0, 0, 1, 1] = 0.9
     imgs[1, 0, 2:, 2:] = 0.5
@@ -141,7 +142,7 @@ def test_fashion_mnist_pixel_labels():
 
 
 def test_seg_linear_learns_and_beats_its_floor(compose, splits):
-    from core.evaluate import evaluate
+    from core.evaluation.evaluate import evaluate
     cfg = compose(*FAST, "evaluate.protocols=[seg_linear]", "evaluate.seg_linear.epochs=5",
                   "evaluate.seg_linear.train_limit=1000")
     validate(cfg)
@@ -155,7 +156,7 @@ def test_seg_linear_learns_and_beats_its_floor(compose, splits):
 def test_seg_folder_layouts(tmp_path, layout, compose):
     from PIL import Image
 
-    from core.seg_probe import IGNORE, SegFolder
+    from core.evaluation.seg_probe import IGNORE, SegFolder
     rng = np.random.default_rng(0)
     for split, sub, n in (("train", "training", 3), ("val", "validation", 2)):
         for i in range(n):
@@ -197,7 +198,7 @@ WRITE_JSON = (f"{sys.executable} -c \"import json, os, sys; ckpt, out, rid = sys
 
 
 def test_external_runs_a_real_command_and_logs_its_metrics(compose, tmp_path):
-    from core.external_eval import ExternalEvalError, run
+    from core.evaluation.external import ExternalEvalError, run
     enc = floor_of(trained_encoder())
     cfg = compose(*FAST, "evaluate.protocols=[external]")
     cfg.evaluate.external.command = WRITE_JSON
@@ -313,7 +314,7 @@ def test_paper_preset_has_the_papers_recipes(compose):
 
 
 def test_evaluation_shows_progress(compose, splits, capfd, monkeypatch):
-    from core.evaluate import evaluate
+    from core.evaluation.evaluate import evaluate
     monkeypatch.setenv("MIMSWEEP_PROGRESS", "1")
     cfg = compose(*TINY, "data.train_limit=64", "data.test_limit=32", "evaluate.linear.epochs=1")
     evaluate(floor_of(trained_encoder()), cfg, load_split(cfg.data, "train"), load_split(cfg.data, "test"), CPU)
@@ -340,8 +341,8 @@ def test_every_protocol_runs_on_the_gpu(compose, splits):
 def test_floor_encoder_is_the_methods_own_init(compose, method):
     """The cached floor depends on no method, yet it is the very encoder build_model(cfg) starts from
     (so floors measured before the cache are the same numbers)."""
-    from core.floors import floor_encoder
-    from core.train import build_model
+    from core.evaluation.floors import floor_encoder
+    from core.training.loop import build_model
     cfg = compose(f"method={method}", "method.target=pixel", "method.num_proxies=2" if method == "semanticmim" else "seed=3")
     enc = build_model(cfg).encoder
     sd, fresh = enc.state_dict(), floor_encoder(enc, cfg.seed).state_dict()

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from core.data import load_split
-from core.train import NonFiniteLoss, Preempted, build_model, pretrain
+from core.training.data import load_split
+from core.training.loop import NonFiniteLoss, Preempted, build_model, pretrain
 from tests.conftest import TINY
 
 

@@ -3,7 +3,7 @@ paper's cost model (App. C) against FlopCounterMode."""
 import pytest
 import torch
 
-from core.semanticmim import CrossBlock, SemanticMIM, block_cost
+from core.methods.semanticmim import CrossBlock, SemanticMIM, block_cost
 from core.vit import ViTEncoder
 
 
@@ -111,7 +111,7 @@ def test_paper_cost_model_claims_and_what_the_counter_measures():
     # the printed formula does not break even at 11 proxies (the paper says it does): -1.1 %
     assert 100 * (train11 / vanilla - 1) == pytest.approx(-1.13, abs=0.05)
 
-    from core.flops import block_flops
+    from core.evaluation.flops import block_flops
     torch.manual_seed(0)
     for L1 in (0, 3):
         enc = ViTEncoder(32, 4, 1, 64, 2, 4, extra_tokens=max(L1 - 1, 0))

@@ -16,7 +16,7 @@ from tests.conftest import FAILING_POINTS, TINY, run_cli
 pytestmark = pytest.mark.slurm
 # 2 cores here: one CPU and a little memory per task lets two tasks run side by side.
 # reuse=experiment: the session's MLflow server is shared by many tests, and a launch would otherwise evaluate
-# another test's finished pre-training of the same config instead of training its own (core/identity.py).
+# another test's finished pre-training of the same config instead of training its own (core/tracking/identity.py).
 SMALL = ["cluster=slurm", "cluster.cpus_per_task=1", "cluster.mem_gb=2", "cluster.time_min=20", "reuse=experiment"]
 
 
@@ -111,7 +111,7 @@ def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_se
     common = ["sweeps/run.py", *TINY, *SMALL, "pretrain.epochs=5", "pretrain.max_steps=40", "pretrain.log_every=2",
               "pretrain.checkpoint_every=4", "method.target=norm_pixel", f"output_root={tmp_path}"]
     # The reference in a store of its own: in the same store the second launch would reuse its pre-training
-    # (core/identity.py) instead of training the point it is to interrupt.
+    # (core/tracking/identity.py) instead of training the point it is to interrupt.
     ref_uri = f"sqlite:///{tmp_path}/ref.db"
     ref = run_cli(*common, f"tracking.uri={ref_uri}", f"tracking.experiment=ref_{interrupt}")
     hit = run_cli(*common, f"tracking.uri={mlflow_server}", f"tracking.experiment=hit_{interrupt}")

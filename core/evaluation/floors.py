@@ -27,7 +27,8 @@ import torch
 from omegaconf import OmegaConf
 
 from core import tracking
-from core.evaluate import FLOOR_PROTOCOLS, arch_kwargs, evaluate
+from core.evaluation.common import arch_kwargs
+from core.evaluation.evaluate import FLOOR_PROTOCOLS, evaluate
 
 FLOOR_VERSION = 1  # bump when a protocol's computation changes: old floors are then recomputed
 PREFIXES = {"knn": "knn_", "linear": "linear_", "finetune": "finetune_", "seg_linear": ("seg_miou", "seg_linear_")}

@@ -36,8 +36,8 @@ def block_flops(fn) -> int:
 @torch.no_grad()
 def count(cfg, teacher=None) -> dict:
     """-> {'gflops_train', 'gflops_infer'[, 'cost_gflops_train', 'cost_gflops_infer']} per image."""
-    from core import method as methods
-    from core.train import build_model
+    from core import methods
+    from core.training.loop import build_model
 
     model = build_model(cfg, teacher).eval()
     size, chans = cfg.model.input_size, cfg.data.channels

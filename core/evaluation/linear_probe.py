@@ -1,6 +1,6 @@
 """The `linear` protocol: many linear probes trained at once on frozen features (DINOv2's way).
 
-Features of every requested (layer, pooling) view come from ONE pass over the data (core/evaluate.py
+Features of every requested (layer, pooling) view come from ONE pass over the data (core/evaluation/evaluate.py
 `extract`); one module holds a head per view x learning rate, each BatchNorm without affine (eps 1e-6) +
 Linear (trunc-normal 0.01 init, zero bias), as MAE's probe. One optimiser, one parameter group per
 head (its own lr = base lr x batch / 256), one shuffled batch order for all of them: the heads never
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.evaluate import block_name, progress, warmup_cosine
+from core.evaluation.common import block_name, progress, warmup_cosine
 
 
 class LARS(torch.optim.Optimizer):
@@ -124,3 +124,11 @@ def run(train_f: dict, train_y, test_f: dict, test_y, num_classes: int, cfg, dep
     if default in best:
         out["linear_top1"] = best[default][0]
     return out
+
+
+def linear_top1(train_f, train_y, test_f, test_y, num_classes: int, epochs: int = 50, lr: float = 0.1,
+                batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> float:
+    """One probe (lr as given, SGD + cosine): the linear protocol with a single view and lr."""
+    best = train_grid({"f": train_f}, train_y, {"f": test_f}, test_y, num_classes, [lr * 256 / batch_size],
+                      epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
+    return best["f"][0]

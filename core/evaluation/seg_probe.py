@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from core.data import loader_workers
-from core.evaluate import normalise, progress, tokens_at, warmup_cosine
+from core.training.data import loader_workers
+from core.evaluation.common import normalise, progress, tokens_at, warmup_cosine
 
 IGNORE = 255
 
@@ -82,7 +82,7 @@ class SegFolder(Dataset):
 
 class _FmnistSeg(Dataset):
     def __init__(self, split, input_size: int, threshold: float):
-        from core.data import Plain
+        from core.training.data import Plain
         self.view, self.threshold = Plain(split.dataset, input_size), threshold
 
     def __len__(self):

@@ -1,9 +1,8 @@
-"""The method contract: what a pre-training method declares, and the registry that finds it by name.
+"""The method contract: what a pre-training method declares and does.
 
-A method is one module in core/ (plus one config in sweeps/conf/method/) holding a `Method` subclass
-decorated with `@register`. Training, the optimiser, evaluation, bench/ and the tests only talk to this
-interface; none of them knows a method's name. `get(name)` finds `core/<name>.py` on first use, so a new
-method needs no edit anywhere else.
+A method is one module in core/methods/ (plus one config in sweeps/conf/method/) holding a `Method`
+subclass decorated with `@register` (core/methods/__init__.py, the registry). Training, the optimiser,
+evaluation, bench/ and the tests only talk to this interface; none of them knows a method's name.
 
 What a method declares (class level, from the resolved point config):
 - `check(cfg)`        its `method.*` keys (ConfigError names the key, the value and what is allowed);
@@ -23,26 +22,13 @@ step from (seed, rank, step): resume and DDP need no generator state, and ranks 
 """
 from __future__ import annotations
 
-import importlib
-import re
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
-from core.config import ConfigError, check_in
-
-_REGISTRY: dict[str, type["Method"]] = {}
-
-
-@dataclass(frozen=True)
-class TeacherRequest:
-    """The teacher outputs a method needs; the teacher computes only these (core/teachers.py)."""
-    patch: bool = False               # final patch features on the student grid, [B, N, T]
-    cls: bool = False                 # final [CLS] (and each requested layer's [CLS]), [B, T]
-    layers: tuple[int, ...] = ()      # block outputs (0-based, negative from the end), [B, N, T_i] each
-    cls_attention: bool = False       # last block's [CLS]->patch attention on the student grid, [B, N]
+from core.config import check_in
+from core.targets.teachers import TeacherRequest
 
 
 class Method(nn.Module):
@@ -106,37 +92,3 @@ class Method(nn.Module):
         if self._rng is None or self._rng.device != device:
             self._rng = torch.Generator(device).manual_seed(self._rng_seed)
         return self._rng
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make `cls` available as `method.name=<cls.name>`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} needs a class attribute `name`")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def get(name: str) -> type[Method]:
-    """The Method class registered as `name`, importing core/<name>.py the first time."""
-    if name not in _REGISTRY and isinstance(name, str) and re.fullmatch(r"[a-z_][a-z0-9_]*", name):
-        try:
-            importlib.import_module(f"core.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"core.{name}":
-                raise
-    if name not in _REGISTRY:
-        raise ConfigError("method.name", name, "must name a registered method (" + ", ".join(sorted(
-            set(_REGISTRY) | set(builtin_names()))) + ")", "A new method is a module core/<name>.py with "
-            "a @register'ed Method subclass, plus sweeps/conf/method/<name>.yaml.")
-    return _REGISTRY[name]
-
-
-def builtin_names() -> list[str]:
-    """Method modules shipped in core/ (those that define a registered Method)."""
-    from core.config import REPO
-    names = []
-    for path in sorted((REPO / "core").glob("*.py")):
-        text = path.read_text()
-        if "@register" in text and "class " in text and path.stem != "method":
-            names.append(path.stem)
-    return names

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 from core.config import check, check_in, check_number
-from core.method import Method, register
-from core.targets import FEATURE_NORMS, normalize_features, pixel_dim, pixel_targets
+from core.methods import register
+from core.methods.base import Method
+from core.targets.normalize import FEATURE_NORMS, normalize_features, pixel_dim, pixel_targets
 from core.vit import ViTEncoder, blocks, build_encoder, init_weights, sincos_pos_embed
 
 

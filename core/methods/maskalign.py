@@ -35,8 +35,8 @@ Choices the paper leaves open (or the reference code makes differently), written
   paper's Tab. 3/4/5 are "w/o [CLS]", hence the default false; Tab. 6 shows "w/" at +0.1.
 - Target normalisation per teacher layer, with [CLS] (when aligned) normalised together with the patch
   tokens: `layernorm` is per token anyway; `batchnorm` is per channel over batch and tokens
-  (core/targets.py). The reference's "bn" uses one global mean/var per layer instead.
-- Teacher grids: core/teachers.py resamples every teacher output to the student's grid, so the teacher's
+  (core/targets/normalize.py). The reference's "bn" uses one global mean/var per layer instead.
+- Teacher grids: core/targets/teachers.py resamples every teacher output to the student's grid, so the teacher's
   token j is the student's patch j; the [CLS] attention is renormalised over patches (sums to 1).
 - Attentive masking with `mask_ratio: 0` keeps every patch (Tab. 4's 0% = feature distillation).
   A tiny floor (1e-12) on the attention keeps `multinomial` defined when a patch has zero attention.
@@ -50,9 +50,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.config import ConfigError, check, check_in, check_number
-from core.mae import random_patch_masking
-from core.method import Method, TeacherRequest, register
-from core.targets import FEATURE_NORMS, normalize_features
+from core.methods.mae import random_patch_masking
+from core.methods import register
+from core.methods.base import Method
+from core.targets.teachers import TeacherRequest
+from core.targets.normalize import FEATURE_NORMS, normalize_features
 from core.vit import ViTEncoder, build_encoder, init_weights
 
 KEYS = ("name", "target", "mask_ratio", "masking", "top_k", "alignment", "adaptor", "target_norm", "align_cls")
@@ -64,7 +66,7 @@ def attentive_keep_ids(attention: torch.Tensor, keep: int, generator: torch.Gene
 
 
 def random_keep_ids(B: int, N: int, mask_ratio: float, device, generator: torch.Generator) -> torch.Tensor:
-    """-> ids_keep: [B, N(1-r)], MAE's uniform per-sample masking (core/mae.py)."""
+    """-> ids_keep: [B, N(1-r)], MAE's uniform per-sample masking (core/methods/mae.py)."""
     _, _, ids_restore = random_patch_masking(torch.zeros(B, N, 1, device=device), mask_ratio, generator)
     keep = int(N * (1 - mask_ratio))
     return torch.argsort(ids_restore, dim=1)[:, :keep]   # = ids_shuffle[:, :keep]

@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 
 from core.config import check, check_in, check_number
-from core.mae import check_decoder, check_teacher_target, patch_target_width, patch_targets
-from core.method import Method, register
+from core.methods.mae import check_decoder, check_teacher_target, patch_target_width, patch_targets
+from core.methods import register
+from core.methods.base import Method
 from core.vit import ViTEncoder, blocks, build_encoder, init_weights, sincos_pos_embed
 
 

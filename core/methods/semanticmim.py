@@ -12,8 +12,8 @@ the loss covers the [MASK] tokens only, the proxies are never supervised directl
 `num_proxies: 0` is the vanilla baseline the paper wraps (BEiT, MaskFeat): one [CLS], and the encoder
 runs over every token with [MASK] tokens in place of the masked patches, a linear head on top.
 
-Targets (`method.target`): `hog` (MaskFeat: 9-bin HOG of `hog_cell_size` px cells, core/hog.py; L2),
-`tokens` (BEiT: visual tokens of `method.tokenizer`, core/tokenizers.py; cross-entropy), `teacher`
+Targets (`method.target`): `hog` (MaskFeat: 9-bin HOG of `hog_cell_size` px cells, core/targets/hog.py; L2),
+`tokens` (BEiT: visual tokens of `method.tokenizer`, core/targets/tokenizers.py; cross-entropy), `teacher`
 (frozen-teacher patch features; L2), `pixel` / `norm_pixel` (L2). Masking is random per patch, as in
 the paper's experiments (BEiT/MaskFeat's block-wise masking is not used there).
 """
@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
 from core.config import check, check_in, check_number
-from core.hog import hog_patch_targets
-from core.mae import check_patch_mask_ratio, check_teacher_target, patch_targets, random_patch_masking
-from core.method import Method, register
-from core.targets import pixel_dim
+from core.targets.hog import hog_patch_targets
+from core.methods.mae import check_patch_mask_ratio, check_teacher_target, patch_targets, random_patch_masking
+from core.methods import register
+from core.methods.base import Method
+from core.targets.normalize import pixel_dim
 from core.vit import ViTEncoder, build_encoder, init_weights
 
 
@@ -123,7 +124,7 @@ class SemanticMIM(Method):
         m, p, C = cfg.method, cfg.model.patch_size, cfg.data.channels
         tokenizer = None
         if m.target == "tokens":
-            from core.tokenizers import build_tokenizer
+            from core.targets.tokenizers import build_tokenizer
             tok = dict(m.tokenizer)
             if tok.get("path"):
                 tok["path"] = str(resolve_path(tok["path"]))

@@ -6,7 +6,7 @@
   `layernorm` = per token, LayerNorm without affine (the default: the scale of a target is fixed by
   construction, nothing learnable can shrink it); `batchnorm` = per channel over batch and tokens, no
   affine (MaskAlign Tab. 6 "BN"); `none` = raw features.
-HOG targets are in core/hog.py, visual tokens in core/tokenizers.py.
+HOG targets are in core/targets/hog.py, visual tokens in core/targets/tokenizers.py.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A teacher takes the *intact* image batch in [0, 1] (any channel count, any size), re-normalises it with
 its own mean/std at its own input size, and computes only what the method asked for (a TeacherRequest,
-core/method.py), resampled onto the student's patch grid:
+core/targets/teachers.py), resampled onto the student's patch grid:
 
     out.patch:          [B, N, T]    final patch features
     out.cls:            [B, T]       final [CLS]
@@ -22,14 +22,23 @@ asked for with `pretrained: random` -- random init, which exists to test the cod
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.config import resolve_path
-from core.method import TeacherRequest
+from core.config import check, check_number, resolve_path
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """The teacher outputs a method needs (its `teacher_request`); the teacher computes only these."""
+    patch: bool = False               # final patch features on the student grid, [B, N, T]
+    cls: bool = False                 # final [CLS] (and each requested layer's [CLS]), [B, T]
+    layers: tuple[int, ...] = ()      # block outputs (0-based, negative from the end), [B, N, T_i] each
+    cls_attention: bool = False       # last block's [CLS]->patch attention on the student grid, [B, N]
 
 
 @dataclass
@@ -439,6 +448,49 @@ def pretrained_unavailable(kind: str, model: str, tag: str, timeout: float = 3.0
              else f"{url} (not in the local cache {local[0]})")
     if constants.HF_HUB_OFFLINE:
         return f"its weights come from {where}, and HF_HUB_OFFLINE is set"
-    from core.tracking import reachable
+    from core.net import reachable
     problem = reachable(constants.ENDPOINT if hub_files else url, timeout)
     return None if problem is None else f"its weights come from {where}, and {problem}"
+
+
+def check_config(cfg, request: TeacherRequest) -> None:
+    """The `teacher` group of a method that asked for `request` (ConfigError on the first bad key)."""
+    t = cfg.teacher
+    in_t = lambda key, choices: check(t.get(key) in choices, f"teacher.{key}", t.get(key),  # noqa: E731
+                                      "must be one of " + ", ".join(map(str, choices)))
+    in_t("kind", ("open_clip", "timm", "efficientnet_lite0"))
+    in_t("dtype", ("float32", "bfloat16", "float16"))
+    pre = t.pretrained
+    check(isinstance(pre, str) and pre != "", "teacher.pretrained", pre,
+          "must name weights: a pretrained tag, a local checkpoint file, or `random` (tests only)")
+    if "/" in pre or pre.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        check(resolve_path(pre).is_file(), "teacher.pretrained", pre, "is not an existing checkpoint file")
+    if t.kind == "open_clip":
+        import open_clip
+        check(t.model in open_clip.list_models(), "teacher.model", t.model,
+              "is not an open_clip model; see open_clip.list_models()")
+        if pre not in ("random",) and not resolve_path(pre).is_file():
+            tags = open_clip.list_pretrained_tags_by_model(t.model)
+            check(pre in tags, "teacher.pretrained", pre,
+                  f"is not a pretrained tag of {t.model} (known: {', '.join(tags) or 'none'}), nor a local file")
+    elif t.kind == "timm":
+        import timm
+        check(timm.is_model(t.model), "teacher.model", t.model, "is not a timm model; see timm.list_models()")
+    else:
+        check(pre in ("package", "random") or resolve_path(pre).is_file(), "teacher.pretrained", pre,
+              "must be `package`, `random` or a local state_dict file")
+        check_number(cfg, "teacher.feature_stage", 1, 7, integer=True)
+        needs = [k for k in ("cls", "cls_attention") if getattr(request, k)]
+        check(not needs, "teacher.kind", t.kind, f"has no [CLS] token or attention, which method.name="
+              f"{cfg.method.name} needs ({', '.join(needs)}); use a ViT teacher (open_clip or timm)")
+    if t.kind in ("open_clip", "timm") and pre != "random" and not resolve_path(pre).is_file():
+        problem = _pretrained_unavailable_cached(t.kind, t.model, pre)
+        check(problem is None, "teacher.pretrained", pre, f"cannot be loaded offline: {problem}",
+              "Use a local file (teacher.pretrained=/path/to/weights) or download the weights into the cache "
+              "first on a machine with network.")
+    check_number(cfg, "teacher.input_size", 16, integer=True, optional=True)
+
+
+@functools.lru_cache(maxsize=16)  # once per launch, not once per point
+def _pretrained_unavailable_cached(kind: str, model: str, tag: str) -> str | None:
+    return pretrained_unavailable(kind, model, tag)

@@ -23,7 +23,7 @@ none dominates the distance:
   the floor of 0.01 keeps near-flat patches near zero instead of amplifying their noise into a pattern;
 - level (2 values): the patch's mean and twice its standard deviation, so background, flat fabric and
   textured fabric with the same shape stay apart;
-- edges (9 values): the patch's HOG cell (core/hog.py, one cell per patch), the orientation of its edges,
+- edges (9 values): the patch's HOG cell (core/targets/hog.py, one cell per patch), the orientation of its edges,
   which the raw pixels of a 4x4 patch only carry implicitly and which makes nearby outlines (a collar
   edge, a sleeve edge) share tokens across small shifts.
 
@@ -44,11 +44,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.hog import hog
+from core.targets.hog import hog
 from core.vit import patchify
 
 KINDS = ("kmeans", "dalle")
-KMEANS_ASSET = Path(__file__).parent / "assets" / "kmeans_tokenizer.pt"
+KMEANS_ASSET = Path(__file__).resolve().parents[1] / "assets" / "kmeans_tokenizer.pt"
 DALLE_TO_GET = ("download encoder.pkl from OpenAI's DALL-E release (https://cdn.openai.com/dall-e/encoder.pkl) "
                 "onto the cluster and set method.tokenizer.path to that file")
 

@@ -10,8 +10,9 @@ A point = one pre-training + one evaluation of it. Its two halves have their own
     pictures of the `figures/` artifact (the first images of the test split); those illustrate the trained
     model and are no result, so a different test_limit reuses the pre-training (and its pictures, made with
     the trainer run's test_limit),
-  * `teacher.*` when the method asks for no teacher (core/method.py `teacher_request` is None): an unused
-    teacher changes nothing that is trained.
+  * `teacher.*` when the method asks for no teacher (its `teacher_request` is None, core/methods/base.py): an
+    unused teacher changes nothing that is trained. The caller says which (`uses_teacher`): identity knows
+    rules, not methods.
 - **evaluation signature** (`eval_signature`): a hash of `evaluate.*` and `data.test_limit`. An evaluation is
   identified by (pre-training signature, evaluation signature): that pair is a point run's identity.
 - **legacy signature** (`legacy_signature` = core.config.signature): the hash of the whole config minus the
@@ -49,14 +50,10 @@ def _hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def uses_teacher(cfg) -> bool:
-    from core import method as methods
-    return methods.get(cfg.method.name).teacher_request(cfg) is not None
-
-
-def pretrain_params(cfg) -> dict:
-    """The flattened config keys that change what pre-training computes."""
-    drop = RUN_ONLY + EVAL_ONLY + (() if uses_teacher(cfg) else (TEACHER,))
+def pretrain_params(cfg, uses_teacher: bool) -> dict:
+    """The flattened config keys that change what pre-training computes (`uses_teacher`: whether the
+    point's method builds its teacher, core.methods.uses_teacher)."""
+    drop = RUN_ONLY + EVAL_ONLY + (() if uses_teacher else (TEACHER,))
     return {k: v for k, v in flatten(cfg).items() if not _under(k, drop)}
 
 
@@ -65,8 +62,8 @@ def eval_params(cfg) -> dict:
     return {k: v for k, v in flatten(cfg).items() if _under(k, EVAL_ONLY) and not _under(k, RUN_ONLY)}
 
 
-def pretrain_signature(cfg) -> str:
-    return _hash(pretrain_params(cfg))
+def pretrain_signature(cfg, uses_teacher: bool) -> str:
+    return _hash(pretrain_params(cfg, uses_teacher))
 
 
 def eval_signature(cfg) -> str:

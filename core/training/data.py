@@ -35,7 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-EMBEDDED = Path(__file__).parent / "assets" / "fashion_mnist_subset.npz"
+from core.config import check, check_in, check_number, check_pair
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "assets" / "fashion_mnist_subset.npz"
 
 
 @dataclass
@@ -346,3 +348,25 @@ def eval_loader(split: Split, cfg_data, input_size: int, batch_size: int) -> Dat
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
     return max((num_samples // world_size) // batch_size, 1)
 
+
+def check_config(cfg) -> None:
+    """The `data` group (ConfigError on the first bad key)."""
+    check_in(cfg, "data.source", ("embedded", "fashion_mnist", "imagefolder"))
+    check_number(cfg, "data.channels", 1, integer=True)
+    check(len(cfg.data.mean) == cfg.data.channels and len(cfg.data.std) == cfg.data.channels, "data.mean",
+          list(cfg.data.mean), f"data.mean and data.std need data.channels={cfg.data.channels} values")
+    check_pair(cfg, "data.crop_scale", lambda lo, hi: 0 < lo <= hi <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1")
+    check(cfg.data.source != "embedded" or cfg.data.get("root") is None, "data.root", cfg.data.get("root"),
+          "is not read by data.source=embedded (the images shipped in core/assets)",
+          "Drop data.root, or pick data that reads it: data=fashion_mnist or data=imagenet.")
+    if cfg.data.source != "embedded" and cfg.get("task", "train") == "train":  # task=flops reads no data
+        root = cfg.data.root
+        check(root is not None and Path(root).exists(), "data.root", root, "must be an existing folder",
+              "For Fashion-MNIST: `apt-get install dataset-fashion-mnist`; for ImageNet set data.root or $IMAGENET_ROOT.")
+    for split in ("train_limit", "test_limit"):
+        check_number(cfg, f"data.{split}", 1, integer=True, optional=True)
+    w = cfg.data.get("num_workers", 0)
+    check(w == "auto" or (isinstance(w, int) and not isinstance(w, bool) and w >= 0), "data.num_workers", w,
+          "must be auto or an integer >= 0 (DataLoader worker processes; 0 = load in the training process)",
+          f"auto = the CPUs this process may use (shared by the node's training processes), less one, at most "
+          f"{MAX_AUTO_WORKERS}.")

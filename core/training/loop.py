@@ -1,10 +1,10 @@
 """Pre-training: model construction, AdamW + warm-up/cosine, checkpoints, exact resume.
 
-Nothing here knows a method by name: the method (core/method.py) builds its model, its targets and its
+Nothing here knows a method by name: the method (core/methods/base.py) builds its model, its targets and its
 loss; this module runs the steps. A checkpoint holds everything the next step depends on -- model,
 optimiser, grad scaler, every rank's RNG states and the step -- and is written atomically (temp file +
 rename), so a job killed at any instant leaves either the previous checkpoint or the new one, never half
-a file. The data order is a pure function of (seed, step) (core/data.py) and so is the masking
+a file. The data order is a pure function of (seed, step) (core/training/data.py) and so is the masking
 generator's seed (`mask_seed`), so a resumed job ends bit-for-bit where an uninterrupted one would
 (tests/test_resume.py proves it on CPU). The learning rate is a pure function of the step too (`lr_at`).
 """
@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from core import data as data_lib
+from core.training import data as data_lib
 from core import faults
-from core import method as methods
+from core import methods
+from core.methods.base import Method
 from core.vit import upgrade_state_dict
 
 
@@ -36,7 +37,7 @@ class Preempted(RuntimeError):
     """Asked to stop (signal before a time limit / preemption) after writing a checkpoint."""
 
 
-def build_model(cfg, teacher=None) -> methods.Method:
+def build_model(cfg, teacher=None) -> Method:
     """The method's model, seeded by cfg.seed so the same point gets the same init. Parameters the
     config leaves unused are frozen: DDP then does not wait for gradients that never come."""
     torch.manual_seed(cfg.seed)
@@ -215,7 +216,7 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
 
     log(key, value, step) buffers a metric; every checkpoint carries `log.pending()` and is followed by
     `log.flush()`, and a resume `log.replay()`s what its checkpoint carries: the tracker holds every step
-    up to the last checkpoint exactly once (core/tracking.py MetricLog says how).
+    up to the last checkpoint exactly once (core/tracking/runs.py MetricLog says how).
     Returns {'steps', 'resumed_from', 'wall_s', 'img_per_s'}.
     """
     p = cfg.pretrain
