@@ -62,6 +62,13 @@ def run_cli(*args: str, cwd=REPO, env=None, timeout=600) -> subprocess.Completed
                           timeout=timeout)
 
 
+def queued_jobs(under) -> set:
+    """Ids of the queued SLURM jobs whose output file lies below `under` (the tests on other xdist workers
+    submit jobs of their own meanwhile, so a test asks only about its own folder)."""
+    out = subprocess.run(["squeue", "-h", "-O", "ArrayJobID:20,StdOut:1000"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if f" {under}/" in line}
+
+
 @pytest.fixture(autouse=True)
 def _environment_restored():
     """Each test leaves os.environ as it found it: an in-process launch puts a URI's credentials into
