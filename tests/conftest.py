@@ -32,6 +32,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """MIMSWEEP_TEST_TIMES=file: one JSON line per test (wall and CPU seconds, the CPU of the subprocesses it
+    waited for included, its worker), to find what makes the suite long on a 2-core machine."""
+    path = os.environ.get("MIMSWEEP_TEST_TIMES")
+    if not path:
+        yield
+        return
+    import json
+    import resource
+    import time
+
+    def cpu():
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+    t0, (c0, k0) = time.time(), cpu()
+    yield
+    c1, k1 = cpu()
+    with open(path, "a") as f:
+        f.write(json.dumps({"test": item.nodeid, "start": t0, "wall": time.time() - t0, "cpu": c1 - c0,
+                            "children_cpu": k1 - k0, "worker": os.environ.get("PYTEST_XDIST_WORKER", "-")}) + "\n")
+
+
 @pytest.fixture(scope="session")
 def compose():
     """compose(*overrides) -> resolved point config, through Hydra's compose API."""
