@@ -104,7 +104,9 @@ def _wait_progress(uri, exp, at_least, timeout=300):
 
 @pytest.mark.parametrize("interrupt", ["usr2", "scontrol_requeue"])
 def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_server, tmp_path, interrupt):
-    common = ["sweeps/run.py", *TINY, *SMALL, "pretrain.epochs=5", "pretrain.max_steps=40", "pretrain.log_every=2",
+    # 80 steps, interrupted after the first checkpoints: a job that has already ended when the interrupt
+    # arrives would be rerun as a finished point (no restart to check), which a loaded machine made happen.
+    common = ["sweeps/run.py", *TINY, *SMALL, "pretrain.epochs=10", "pretrain.max_steps=80", "pretrain.log_every=2",
               "pretrain.checkpoint_every=4", "method.target=norm_pixel", f"output_root={tmp_path}"]
     # The reference in a store of its own: in the same store the second launch would reuse its pre-training
     # (core/tracking/identity.py) instead of training the point it is to interrupt.
@@ -113,7 +115,7 @@ def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_se
     hit = run_cli(*common, f"tracking.uri={mlflow_server}", f"tracking.experiment=hit_{interrupt}")
     assert ref.returncode == 0 and hit.returncode == 0, ref.stderr + hit.stderr
     job = _queued_ids(hit.stdout)[0] + "_0"
-    run = _wait_progress(mlflow_server, f"hit_{interrupt}", 0.2)
+    run = _wait_progress(mlflow_server, f"hit_{interrupt}", 0.1)
     if interrupt == "usr2":
         subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True)
     else:
