@@ -169,11 +169,16 @@ class ViTEncoder(nn.Module):
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    def timm_kwargs(self) -> dict:
-        """timm.create_model kwargs that build this architecture as a `VisionTransformer`."""
+    def timm_kwargs(self, pool: str = "mean") -> dict:
+        """timm.create_model kwargs that build this architecture as a `VisionTransformer` whose pooled output
+        (`model(x)`) is `self.features(x, pool)`: `mean` = timm's `avg` pool of the patch tokens after the
+        final norm (`fc_norm=False` keeps timm's norm before the pool, as here), `cls` = timm's `token`."""
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool must be mean or cls, got {pool!r}")
         return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
                     embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                    num_classes=0, global_pool="token", reg_tokens=self.extra_tokens)
+                    num_classes=0, global_pool="avg" if pool == "mean" else "token", fc_norm=False,
+                    reg_tokens=self.extra_tokens)
 
     def timm_state_dict(self) -> dict:
         """This encoder as a timm `vit_*` state_dict (names are already timm's; CPU, contiguous). Extra
