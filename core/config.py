@@ -36,6 +36,25 @@ def _plugin_config_dirs() -> list[str]:
 # the config folders of installed method plug-ins.
 SEARCHPATH = f"hydra.searchpath=[{','.join([f'file://{REPO}'] + _plugin_config_dirs())}]"
 
+
+def config_groups_text() -> str:
+    """`group: option, option, ...` lines of every config group on the search path (SEARCHPATH included: the
+    `cluster` profiles and plug-ins' methods), for `--help` (`${mimsweep_groups:}` in sweeps/conf/hydra/help/).
+    Hydra's own `$APP_CONFIG_GROUPS` lists the groups before the command line's search path applies, so
+    it misses `cluster`."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group in sorted(loader.get_group_options("", ObjectType.GROUP, overrides=[SEARCHPATH])):
+        options = loader.get_group_options(group, ObjectType.CONFIG, overrides=[SEARCHPATH])
+        if group != "hydra" and options:
+            lines.append(f"{group}: {', '.join(sorted(options))}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("mimsweep_groups", config_groups_text, replace=True)
+
 RUN_ONLY = (
     "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "reuse", "device", "report_dir",
     "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.compile", "data.num_workers", "data.root", "evaluate.batch_size",

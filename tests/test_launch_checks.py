@@ -66,6 +66,7 @@ def test_a_changed_grid_and_added_sweep_points_still_work(tmp_path):
     assert not any(tmp_path.iterdir())
     helped = run_cli("sweeps/run.py", "--help")
     assert helped.returncode == 0 and "mcm_mask_ratio" in helped.stdout
+    assert "cluster: local, slurm" in helped.stdout.splitlines()     # the group that lives in cluster/, too
 
 
 def test_offline_pretrained_tag_is_refused_naming_the_key(tmp_path):
