@@ -16,6 +16,7 @@ the launch with a message naming the key, with no half-launched sweep left behin
 """
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
@@ -53,6 +54,24 @@ def check_tracking(uri: str, create: bool = True, shown: str | None = None):
                           f"({type(e).__name__}: {msg})", "Start the server or fix the URI; nothing was run.") from None
 
 
+PATIENCE_S = 600  # how long a launch retries a store that answers with a transient failure
+
+
+class Patient:
+    """The launch's MLflow client: a call that meets a transient failure (a server's 5xx or dropped connection,
+    SQLite's "database is locked" past its busy timeout when many launches write at once) is retried for up
+    to PATIENCE_S (core.tracking.patiently) instead of failing the launch and its points."""
+
+    def __init__(self, c, wait_s: float = PATIENCE_S):
+        self._c, self._wait_s = c, wait_s
+
+    def __getattr__(self, name):
+        attr = getattr(self._c, name)
+        if not callable(attr):
+            return attr
+        return functools.partial(tracking.patiently, attr, wait_s=self._wait_s, what=f"the launch's {name}")
+
+
 def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     """Entry of `sweeps/run.py`. Returns the process exit code."""
     name, planned = plan(cfg, task_overrides)
@@ -67,9 +86,13 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         raise ConfigError("cluster.backend", backend, "must be one of " + ", ".join(checks.BACKENDS))
     root = Path(cfg.output_root).resolve() / "runs" / exp_name
 
+    memory, where = _memory(cfg)
+    for pl in planned:
+        checks.model_fits(pl.cfg, [*task_overrides, *pl.point.overrides], memory, where)
     checks.output_folder(cfg.output_root)                            # read only, as everything up to step 5
     checks.tracking_uri(uri, shown)
     c = check_tracking(uri, create=False, shown=raw_uri)            # read only: a dry run must create nothing
+    c = Patient(c) if c is not None else None
     exp_id = tracking.find_experiment(c, exp_name)
     # finished pre-trainings: the whole store or this experiment, per `reuse` (runs of older versions migrated
     # once; a dry run writes nothing)
@@ -95,7 +118,7 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         print("nothing to do: every point has a finished, queued or running run" + (" or gave up." if given_up else "."))
         return 1 if given_up else 0
 
-    c = check_tracking(uri, create=True, shown=raw_uri)
+    c = Patient(check_tracking(uri, create=True, shown=raw_uri))
     exp_id = tracking.experiment_id(c, exp_name, uri)
     tracking.close_orphaned_launches(c, exp_id)
     parent, handed_over = None, set()
@@ -133,6 +156,25 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _memory(cfg) -> tuple[int, str]:
+    """(bytes, where in words) of the memory a point of this launch trains in: this machine's RAM (its GPU's on
+    CUDA) for a local launch, the largest node of the partition for SLURM."""
+    import os
+    import shutil
+    if cfg.cluster.backend == "slurm":
+        from cluster.slurm import partitions
+        nodes = partitions() if shutil.which("sinfo") else {}
+        part = cfg.cluster.partition or next((p for p, n in nodes.items() if n["default"]), None)
+        if part in nodes and nodes[part]["mem_mb"]:
+            return nodes[part]["mem_mb"] * 2 ** 20, f"the memory of the largest node of partition {part}"
+        return 2 ** 62, "the nodes' memory"
+    from core.config import on_cuda
+    if on_cuda(cfg):
+        import torch
+        return torch.cuda.get_device_properties(0).total_memory, "this machine's GPU memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 
 def _todo(planned: list[Planned]) -> list[Planned]:

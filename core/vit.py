@@ -12,7 +12,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
 
 
 def sincos_pos_embed(grid: int, dim: int, cls_token: bool = True) -> torch.Tensor:
@@ -55,6 +54,9 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
 
 def blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> nn.ModuleList:
     """A stack of timm ViT blocks with a linearly increasing drop-path rate."""
+    # timm is imported here, not at the top: it costs ~1 s, and a launch or status.py imports this module
+    # (through the method registry) without building any model
+    from timm.models.vision_transformer import Block
     rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=partial(nn.LayerNorm, eps=1e-6))

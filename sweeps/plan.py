@@ -116,9 +116,54 @@ def compose_point(base: list[str], point: Point, cache: dict | None = None) -> D
     return cfg
 
 
+def check_command_line(task_overrides: list[str]) -> None:
+    """Mistakes Hydra passes silently: a key given twice (the last one wins: `pretrain.max_steps=3
+    pretrain.max_steps=5`, two options of one group `cluster=local cluster=slurm`), and `sweep.grid={}`,
+    which Hydra merges into the sweep's grid, changing nothing."""
+    seen: dict[str, str] = {}
+    for o in task_overrides:
+        key = override_key(o)
+        if key.split(".")[0] == "hydra" or "=" not in o:
+            continue
+        if key in seen:
+            raise ConfigError(key, o.partition("=")[2], f"the command line gives this key twice ({seen[key]} and {o}), "
+                              "and only the last would count", "Give each key once.")
+        seen[key] = o
+    grid = seen.get("sweep.grid")
+    if grid is not None and grid.partition("=")[2].replace(" ", "") in ("{}", "null"):
+        raise ConfigError("sweep.grid", grid.partition("=")[2], "an empty grid is merged into the sweep's grid and "
+                          "changes nothing", "Give the values to sweep: 'sweep.grid={KEY:[V1,V2]}'.")
+
+
+def check_spec(spec, name: str) -> None:
+    """The sweep spec's shape (a file in sweeps/conf/sweep/ or `sweep.*` overrides): ConfigError naming the key."""
+    grid, points = spec.get("grid"), spec.get("points")
+    if grid is not None and points is not None:
+        raise ConfigError("sweep.points", "[...]", f"sweep {name} gives both `grid` and `points`", "Keep one of them.")
+    if points is None:
+        if not OmegaConf.is_dict(grid) or len(grid) == 0:
+            raise ConfigError("sweep.grid", OmegaConf.to_container(grid) if OmegaConf.is_config(grid) else grid,
+                              f"sweep {name} needs a grid of at least one key (or `points`)",
+                              "e.g. grid: {method.mask_ratio: [0.6, 0.75]} in its file, or 'sweep.grid={KEY:[V1,V2]}'.")
+        for key, values in grid.items():
+            if not OmegaConf.is_list(values) or len(values) == 0:
+                raise ConfigError(f"sweep.grid.{key}", OmegaConf.to_container(values) if OmegaConf.is_config(values)
+                                  else values, f"sweep {name}: each grid key needs a non-empty list of values")
+        return
+    if not OmegaConf.is_list(points) or len(points) == 0:
+        raise ConfigError("sweep.points", points if not OmegaConf.is_config(points) else OmegaConf.to_container(points),
+                          f"sweep {name} needs a non-empty list of points", "Each: {label: NAME, overrides: [...]}.")
+    for i, p in enumerate(points):
+        if not OmegaConf.is_dict(p) or p.get("label") is None or not (p.get("overrides") is None
+                                                                       or OmegaConf.is_list(p.overrides)):
+            raise ConfigError(f"sweep.points[{i}]", OmegaConf.to_container(p) if OmegaConf.is_config(p) else p,
+                              "must be {label: NAME, overrides: [KEY=VALUE, ...]}")
+
+
 def sweep_points(cfg: DictConfig) -> tuple[str, list[Point]]:
     if cfg.get("sweep") is None:  # a single run of the composed config
         return "single", [Point("default", cfg.seed, [f"seed={cfg.seed}"])]
+    check_spec(cfg.sweep, cfg.sweep.get("name"))
     seeds = cfg.sweep.get("seeds")
     if seeds is not None:
         seeds = list(seeds) if OmegaConf.is_list(seeds) else seeds
@@ -184,7 +229,34 @@ def check_added_keys(task_overrides: list[str], base: list[str], point: Point, c
         raise unknown_key(key, value, known)
 
 
+def check_types(base: list[str], point: Point, cache: dict) -> None:
+    """A key that is true/false in the config files takes true or false: Hydra would accept
+    `data.hflip=maybe` as the string 'maybe', which every `if` reads as true."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    groups = _config_groups()
+    merged = merge_overrides(base, point.overrides)
+    choices = tuple(o for o in merged if override_key(o) in groups)
+    values = [o for o in merged if override_key(o) not in groups and override_key(o).split(".")[0] not in
+              ("hydra", "sweep") and not o.startswith("~")]
+    if not values:
+        return
+    if ("types",) + choices not in cache:  # the config files' own values, under the same group choices
+        from hydra import compose
+        cache[("types",) + choices] = compose(config_name="config", overrides=[SEARCHPATH, *choices])
+    ref = cache[("types",) + choices]
+    parser = cache.setdefault("parser", OverridesParser.create())
+    for o in values:
+        key = override_key(o)
+        default = OmegaConf.select(ref, key, default=None, throw_on_missing=False)
+        if not isinstance(default, bool):
+            continue
+        value = parser.parse_override(o).value()
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "must be true or false")
+
+
 def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]]:
+    check_command_line(task_overrides)
     name, points = sweep_points(cfg)
     base = user_overrides(task_overrides)
     check_swept(cfg, name, points, base)
@@ -192,6 +264,7 @@ def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]
     check_added_keys(task_overrides, base, points[0], cache)
     for p in points:
         try:
+            check_types(base, p, cache)
             pc = compose_point(base, p, cache)
             validate(pc)
         except ConfigError as e:

@@ -96,16 +96,24 @@ def open_store(uri: str, create: bool):
         c = client(uri)
         c.search_experiments(max_results=1)
         return c
-    if not create and not db.is_file():
-        return None
-    from filelock import FileLock
-    if create:
+    if not db.is_file():
+        if not create:
+            return None
+        from filelock import FileLock, Timeout
         db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(db) + ".lock", timeout=600):
-        if not db.is_file():
-            _create_sqlite(db)
-        c = client(uri)
-        c.search_experiments(max_results=1)  # creates / migrates the schema, once, under the lock
+        lock = FileLock(str(db) + ".lock")
+        try:  # held only while the store is made: a launch waits its turn as long as that takes, never gives up
+            lock.acquire(timeout=10)
+        except Timeout:
+            print(f"waiting for another launch that is creating the tracking store {db} ...", flush=True)
+            lock.acquire()
+        try:
+            if not db.is_file():
+                _create_sqlite(db)
+        finally:
+            lock.release()
+    c = client(uri)  # an existing store (made whole by one rename) needs no lock to be read and written
+    c.search_experiments(max_results=1)
     return c
 
 
