@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cluster import checks
+from cluster import checks, estimate
 from cluster.backend import Backend
 from core import methods, tracking
 from core.config import ConfigError
@@ -106,7 +106,12 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     checks.output_folder(cfg.output_root, sum(sizes) + max(sizes, default=0) + 64 * 2 ** 20 if todo else None)
     runner = backend_for(cfg, uri, root, name, task_overrides, raw_uri)
     todo = runner.prepare(planned, todo, trained)          # read only: scheduler checks, final list
+    slots, threads = _parallelism(cfg, len(todo))
+    _, total, note = estimate.estimate(cfg, todo, slots, threads, _floors_in(c, exp_id))
+    runner.estimate_s = total or None
     print_plan(name, planned, shown)
+    if note:
+        print(note)
     if cfg.dry_run:
         print(runner.describe(todo))
         return 0
@@ -158,6 +163,28 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _parallelism(cfg, n: int) -> tuple[int, int]:
+    """(points at once, threads each): cluster.workers here (cluster/local.py), the array's throttle on SLURM."""
+    if cfg.cluster.backend == "slurm":
+        return max(1, min(int(cfg.cluster.array_parallelism), n)), int(cfg.cluster.cpus_per_task)
+    from cluster.local import workers_for
+    from core.training.data import cpu_count
+    w = workers_for(cfg, max(n, 1))
+    return w, max(1, cpu_count() // w)
+
+
+def _floors_in(c, exp_id):
+    """cfg -> whether the experiment holds a finished random-init floor of that seed, model and data
+    (core/evaluation/floors.py: the point reuses it instead of computing it)."""
+    found = set()
+    if c is not None and exp_id:
+        for r in c.search_runs([exp_id], f"tags.`{tracking.TAG}kind` = 'floor' and attributes.status = 'FINISHED'",
+                               max_results=1000):
+            p = r.data.params
+            found.add((p.get("seed"), p.get("model.name"), p.get("data.name")))
+    return lambda cfg: (str(cfg.seed), str(cfg.model.name), str(cfg.data.name)) in found
+
+
 def _memory(cfg) -> tuple[int, str]:
     """(bytes, where in words) of the memory a point of this launch trains in: this machine's RAM (its GPU's on
     CUDA) for a local launch, the largest node of the partition for SLURM."""
@@ -185,6 +212,8 @@ def _todo(planned: list[Planned]) -> list[Planned]:
 def _tag_identity(c, pl: Planned, root: Path) -> None:
     from mlflow.entities import RunTag
     tags = pl.identity_tags(root)
+    if pl.estimate_s:  # cluster/status.py shows it beside the time the point took
+        tags["estimate_s"] = f"{pl.estimate_s:.0f}"
     c.log_batch(pl.run_id, tags=[RunTag(tracking.TAG + k, v) for k, v in tags.items() if v is not None])
     if pl.phase == "all" and pl.action == "resume":  # once evaluation-only, now pre-training itself
         old = c.get_run(pl.run_id).data.tags

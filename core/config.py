@@ -63,7 +63,7 @@ def config_groups_text() -> str:
 OmegaConf.register_new_resolver("mimsweep_groups", config_groups_text, replace=True)
 
 RUN_ONLY = (
-    "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "reuse", "device", "report_dir",
+    "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "reuse", "device", "report_dir", "estimate",
     "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.compile", "data.num_workers", "data.root", "evaluate.batch_size",
 )
 
@@ -277,6 +277,7 @@ def check_run(cfg) -> None:
         check(torch.cuda.is_available(), "device", "cuda", "this machine has no CUDA GPU (a local launch runs here)",
               "Use device=auto or cpu, or cluster=slurm with cluster.gpus_per_task >= 1.")
     check_in(cfg, "reuse", ("store", "experiment", "none"))
+    check_in(cfg, "estimate", ("auto", True, False))
     check_number(cfg, "seed", 0, integer=True)
 
 

@@ -42,6 +42,7 @@ class Planned:
     workdir: str | None = None   # an existing run's folder name, when it is not <signature>-<run> (old runs)
 
     failures: int = 0            # times the existing run ended FAILED
+    estimate_s: float | None = None   # its time on this machine (cluster/estimate.py), once the launch estimated it
 
     @property
     def workdir_name(self) -> str:
@@ -408,5 +409,6 @@ def print_plan(name: str, planned: list[Planned], uri: str, file=sys.stdout) -> 
             pre = pl.pretrain
         if pl.action == "failed":
             extra = f" (run {pl.run_id[:8]} failed {pl.failures} times; not run again: retry_failed=true retries it)"
+        est = f", ~{pl.estimate_s:.0f} s" if pl.estimate_s else ""
         print(f"  {pl.action:6s} {pl.point.label:24s} seed={pl.point.seed} sig={pl.signature} "
-              f"pretrain {pre}, evaluate {pl.evaluate}{extra}", file=file)
+              f"pretrain {pre}, evaluate {pl.evaluate}{est}{extra}", file=file)

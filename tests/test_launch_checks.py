@@ -274,7 +274,7 @@ def test_local_sweep_ends_with_a_summary_and_the_report_command(tmp_path):
     res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, f"output_root={tmp_path}")
     assert res.returncode == 0, res.stdout + res.stderr
     summary = res.stdout[res.stdout.index("\nsummary"):].strip().splitlines()
-    assert summary[1].split() == ["point", "seed", "status", "knn_top1", "linear_top1", "wall"], summary
+    assert summary[1].split() == ["point", "seed", "status", "knn_top1", "linear_top1", "wall", "estimate"], summary
     rows = {line.split()[0]: line.split() for line in summary[2:4]}
     assert set(rows) == {"masked", "all"} and all(r[2] == "FINISHED" and r[-1] == "s" for r in rows.values())
     assert all(0 <= float(r[3]) <= 100 and 0 <= float(r[4]) <= 100 for r in rows.values())
