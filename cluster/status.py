@@ -34,7 +34,7 @@ def gather(cfg, overrides: list[str]):
     from core import tracking
     from sweeps.plan import decide, match, plan
 
-    name, planned = plan(cfg, overrides)
+    name, planned = plan(cfg, overrides, check=False)  # the launch checked the points; no torch needed here
     uri = tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
     c = launch.check_tracking(uri, create=False)  # status never creates a store
     exp = c.get_experiment_by_name(cfg.tracking.experiment or name) if c is not None else None

@@ -19,7 +19,6 @@ from core import tracking
 from core import methods
 from core.tracking import identity
 from core.config import SEARCHPATH, ConfigError
-from core.job import validate
 from sweeps.grid import Point, expand
 
 
@@ -43,6 +42,7 @@ class Planned:
 
     failures: int = 0            # times the existing run ended FAILED
     estimate_s: float | None = None   # its time on this machine (cluster/estimate.py), once the launch estimated it
+    signatures: tuple = ()       # plan(check=False): the pre-training signature with and without the teacher
 
     @property
     def workdir_name(self) -> str:
@@ -256,7 +256,13 @@ def check_types(base: list[str], point: Point, cache: dict) -> None:
             raise ConfigError(key, value, "must be true or false")
 
 
-def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]]:
+def plan(cfg: DictConfig, task_overrides: list[str], check: bool = True) -> tuple[str, list[Planned]]:
+    """The sweep's points, composed, (checked,) with their signatures. `check=False` (cluster/status.py: the
+    launch checked them) neither validates the points nor imports a method (and with it torch): the
+    pre-training signature is then known in both forms, with and without the teacher's keys, and match()
+    takes the one a run has (`signatures`)."""
+    if check:
+        from core.job import validate  # here: core.job imports torch, which status.py does without
     check_command_line(task_overrides)
     name, points = sweep_points(cfg)
     base = user_overrides(task_overrides)
@@ -265,17 +271,22 @@ def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]
     check_added_keys(task_overrides, base, points[0], cache)
     for p in points:
         try:
-            check_types(base, p, cache)
+            if check:
+                check_types(base, p, cache)
             pc = compose_point(base, p, cache)
-            validate(pc)
+            if check:
+                validate(pc)
         except ConfigError as e:
             raise ConfigError(e.key, e.value, str(e).split(": ", 1)[1].rstrip("."),
                               f"(sweep {name}, point '{p.label}', seed {p.seed})") from None
-        sigs = (identity.pretrain_signature(pc, methods.uses_teacher(pc)), identity.eval_signature(pc),
-                identity.legacy_signature(pc))
+        if check:
+            alternatives = (identity.pretrain_signature(pc, methods.uses_teacher(pc)),)
+        else:
+            alternatives = (identity.pretrain_signature(pc, True), identity.pretrain_signature(pc, False))
         if pc.tracking.get("uri"):  # params, config.yaml and manifests never hold a password
             pc.tracking.uri = tracking.redact(pc.tracking.uri)
-        planned.append(Planned(p, pc, *sigs))
+        planned.append(Planned(p, pc, alternatives[0], identity.eval_signature(pc), identity.legacy_signature(pc),
+                               signatures=alternatives))
     return name, planned
 
 
@@ -294,7 +305,12 @@ def match(planned: list[Planned], runs: list) -> dict:
             legacy[t[tracking.TAG + "signature"]] = r
     out = {}
     for pl in planned:
-        run = pairs.get((pl.signature, pl.eval_sig)) or legacy.get(pl.legacy_sig)
+        for sig in pl.signatures or (pl.signature,):
+            run = pairs.get((sig, pl.eval_sig))
+            if run is not None:
+                pl.signature = sig
+                break
+        run = run or legacy.get(pl.legacy_sig)
         if run is not None:
             out[id(pl)] = run
     return out

@@ -105,3 +105,38 @@ def test_a_launch_waits_for_the_store_another_launch_is_creating(tmp_path):
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("mcm_recon_range").experiment_id])
     assert sorted(r.info.status for r in runs if r.data.tags.get("mimsweep.kind") == "point") == ["FINISHED"] * 2
+
+
+def test_a_new_store_is_a_copy_of_what_mlflow_makes(tmp_path, monkeypatch):
+    """A new SQLite store is copied from an empty store MLflow made once (its ~100 schema migrations take
+    seconds at every new output_root): the same schema and rows as one MLflow makes in its place, the Default
+    experiment's artifacts beside the database."""
+    import sqlite3
+
+    from core.tracking import store
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def dump(db):
+        con = sqlite3.connect(db)
+        rows = sorted(line for line in con.iterdump() if "INSERT INTO \"experiments\"" not in line)
+        exp = con.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments").fetchall()
+        con.close()
+        return rows, exp
+
+    store._new_sqlite(tmp_path / "by_mlflow.db", (tmp_path / "mlartifacts").as_uri())
+    t0 = time.perf_counter()
+    store.open_store(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", create=True)     # makes the template
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c = store.open_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", create=True)  # copies it
+    second = time.perf_counter() - t0
+    print(f"new store: {first:.2f} s (the template made), then {second:.2f} s")
+    assert list((tmp_path / "cache" / "mimsweep").glob("mlflow-*-empty.db"))
+    made, made_exp = dump(tmp_path / "by_mlflow.db")
+    copied, copied_exp = dump(tmp_path / "b" / "mlflow.db")
+    assert copied == made
+    assert copied_exp == [(0, "Default", f"{(tmp_path / 'b' / 'mlartifacts').as_uri()}/0", "active")]
+    assert made_exp == [(0, "Default", f"{(tmp_path / 'mlartifacts').as_uri()}/0", "active")]
+    exp = c.create_experiment("x")                                             # MLflow takes it as its own
+    assert c.get_experiment(exp).name == "x" and c.get_experiment("0").name == "Default"
+    assert second < first
