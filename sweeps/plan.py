@@ -87,32 +87,37 @@ def _config_groups() -> set[str]:
     return {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()} | {"cluster"}
 
 
-def compose_point(base: list[str], point: Point, cache: dict | None = None) -> DictConfig:
+def compose_point(base: list[str], point: Point, cache: dict | None = None, check: bool = False) -> DictConfig:
     """The point's resolved config: Hydra composition of the user's overrides + the point's.
 
     A full Hydra compose costs ~0.2 s; a 1,000-point grid differs mostly in plain values (a mask ratio,
-    a seed). So the composition is cached per set of *group* choices and shared overrides, and the point's
-    own value overrides are applied to a copy with Hydra's own override machinery, then resolved.
+    a seed). So the composition is cached per set of *group* choices, and every value override (the user's
+    and the point's) is applied to a copy with Hydra's own override machinery, as Hydra applies them after
+    the defaults, then resolved. `check`: before that, a value for a key that is true/false in the configs must
+    be true or false (Hydra would take `data.hflip=maybe` as the string 'maybe', which every `if` reads as true).
     tests/test_config.py checks this gives exactly what a full compose gives for every shipped sweep.
     """
     from hydra import compose
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    cache = {} if cache is None else cache
     merged = merge_overrides(base, point.overrides)
     groups = _config_groups()
-    own = {override_key(o) for o in point.overrides}
-    shared = [o for o in merged if override_key(o) not in own or override_key(o) in groups]
-    values = [o for o in merged if override_key(o) in own and override_key(o) not in groups]
-    key = tuple(shared)
-    if cache is None or key not in cache:
-        composed = compose(config_name="config", overrides=[SEARCHPATH] + shared)
-        if cache is None:
-            cache = {}
-        cache[key] = composed
-    cfg = copy.deepcopy(cache[key])
+    in_compose = lambda o: override_key(o) in groups or override_key(o).split(".")[0] == "hydra"  # noqa: E731
+    choices = tuple(o for o in merged if in_compose(o))
+    values = [o for o in merged if not in_compose(o)]
+    if choices not in cache:
+        cache[choices] = compose(config_name="config", overrides=[SEARCHPATH, *choices])
+    cfg = copy.deepcopy(cache[choices])
     if values:
-        ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(values), cfg)
+        parsed = cache.setdefault("parser", OverridesParser.create()).parse_overrides(values)
+        if check:
+            for o in parsed:
+                default = OmegaConf.select(cfg, o.key_or_group, default=None, throw_on_missing=False)
+                if isinstance(default, bool) and not isinstance(o.value(), bool) and not o.is_delete():
+                    raise ConfigError(o.key_or_group, o.value(), "must be true or false")
+        ConfigLoaderImpl._apply_overrides_to_config(parsed, cfg)
     OmegaConf.resolve(cfg)
     return cfg
 
@@ -230,32 +235,6 @@ def check_added_keys(task_overrides: list[str], base: list[str], point: Point, c
         raise unknown_key(key, value, known)
 
 
-def check_types(base: list[str], point: Point, cache: dict) -> None:
-    """A key that is true/false in the config files takes true or false: Hydra would accept
-    `data.hflip=maybe` as the string 'maybe', which every `if` reads as true."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    groups = _config_groups()
-    merged = merge_overrides(base, point.overrides)
-    choices = tuple(o for o in merged if override_key(o) in groups)
-    values = [o for o in merged if override_key(o) not in groups and override_key(o).split(".")[0] not in
-              ("hydra", "sweep") and not o.startswith("~")]
-    if not values:
-        return
-    if ("types",) + choices not in cache:  # the config files' own values, under the same group choices
-        from hydra import compose
-        cache[("types",) + choices] = compose(config_name="config", overrides=[SEARCHPATH, *choices])
-    ref = cache[("types",) + choices]
-    parser = cache.setdefault("parser", OverridesParser.create())
-    for o in values:
-        key = override_key(o)
-        default = OmegaConf.select(ref, key, default=None, throw_on_missing=False)
-        if not isinstance(default, bool):
-            continue
-        value = parser.parse_override(o).value()
-        if not isinstance(value, bool):
-            raise ConfigError(key, value, "must be true or false")
-
-
 def plan(cfg: DictConfig, task_overrides: list[str], check: bool = True) -> tuple[str, list[Planned]]:
     """The sweep's points, composed, (checked,) with their signatures. `check=False` (cluster/status.py: the
     launch checked them) neither validates the points nor imports a method (and with it torch): the
@@ -271,9 +250,7 @@ def plan(cfg: DictConfig, task_overrides: list[str], check: bool = True) -> tupl
     check_added_keys(task_overrides, base, points[0], cache)
     for p in points:
         try:
-            if check:
-                check_types(base, p, cache)
-            pc = compose_point(base, p, cache)
+            pc = compose_point(base, p, cache, check=check)
             if check:
                 validate(pc)
         except ConfigError as e:
