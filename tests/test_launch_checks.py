@@ -325,20 +325,17 @@ def test_a_key_of_the_sweeps_own_method_is_given_with_double_plus(tmp_path, comp
 
 
 def test_a_sweep_file_with_an_empty_grid_is_refused_in_one_line(tmp_path):
-    """A new sweep file (sweeps/conf/sweep/) whose grid is `{}`: one line naming sweep.grid, no traceback."""
-    import uuid
-
-    from core.config import CONFIG_DIR
-    name = f"tmp_empty_grid_{uuid.uuid4().hex[:8]}"
-    path = CONFIG_DIR / "sweep" / f"{name}.yaml"
-    path.write_text(f"name: {name}\ngrid: {{}}\nseeds: [0]\n")
-    try:
-        res = run_cli("sweeps/run.py", f"sweep={name}", "preset=smoke", f"output_root={tmp_path / 'o'}")
-        path.write_text(f"name: {name}\ngrid: {{method.mask_ratio: []}}\nseeds: [0]\n")
-        empty_values = run_cli("sweeps/run.py", f"sweep={name}", "preset=smoke", f"output_root={tmp_path / 'o'}")
-    finally:
-        path.unlink()
-    _refused(res, "sweep.grid", f"sweep {name} needs a grid of at least one key")
+    """A new sweep file (sweeps/conf/sweep/) whose grid is `{}`: one line naming sweep.grid, no traceback.
+    The file goes into a copy of the code (cluster/snapshot.py), not into the tree other tests read."""
+    from cluster import snapshot
+    code = snapshot.write(snapshot.plan(tmp_path / "code"))
+    spec = code / "sweeps" / "conf" / "sweep" / "new_sweep.yaml"
+    spec.write_text("name: new_sweep\ngrid: {}\nseeds: [0]\n")
+    res = run_cli("sweeps/run.py", "sweep=new_sweep", "preset=smoke", f"output_root={tmp_path / 'o'}", cwd=code)
+    spec.write_text("name: new_sweep\ngrid: {method.mask_ratio: []}\nseeds: [0]\n")
+    empty_values = run_cli("sweeps/run.py", "sweep=new_sweep", "preset=smoke", f"output_root={tmp_path / 'o'}",
+                           cwd=code)
+    _refused(res, "sweep.grid", "sweep new_sweep needs a grid of at least one key")
     _refused(empty_values, "sweep.grid.method.mask_ratio", "non-empty list")
     assert not (tmp_path / "o").exists()
 

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import REPO, TINY
 
 LAUNCHES = 8
+pytestmark = pytest.mark.xdist_group("timing")  # one after another with tests/test_estimate.py's timed sweep
 
 
 def _launch_all(tmp_path, extra: list[str]) -> list[subprocess.CompletedProcess]:
