@@ -237,7 +237,7 @@ def estimate(cfg, todo: list, slots: int, threads: int, floors_found=lambda cfg:
         startup = (not local) or (slots > 1 and i < slots)               # a worker's first point, every task
         s, parts = point_seconds(pl.cfg, t, pl.phase, floor, startup)
         out[id(pl)] = Estimate(s, parts, "timed here")
-        pl.estimate_s = s
+        pl.estimate_s, pl.job_estimate_s = s, s - parts["startup"]
         seconds.append(s)
         after.append(index.get(id(pl.after)) if getattr(pl, "pretrain", "") == "after" else None)
     total = schedule_total(seconds, after, slots)

@@ -8,7 +8,8 @@ the launch with a message naming the key, with no half-launched sweep left behin
 1. compose + validate every point (core/config.py), then the keys that say where and how points run
    (cluster/checks.py: the `cluster` group, output_root, names, no control characters anywhere);
 2. read the store (never create it here), decide skip / resume / new;
-3. SLURM: tools, partition, queue, and `sbatch --test-only` of the real script;
+3. SLURM: tools, controller, partition and its nodes, queue, and `sbatch --test-only` of the real script;
+   then each point's time on this machine and the sweep's (cluster/estimate.py), printed with the plan;
 4. dry run: print and stop (nothing written: no database, experiment or folder);
 5. create the experiment (create-or-get), the launch run and the point runs, then run or submit. A
    failure from here on marks the launch run and every point run it did not hand over FAILED, with the
@@ -212,8 +213,8 @@ def _todo(planned: list[Planned]) -> list[Planned]:
 def _tag_identity(c, pl: Planned, root: Path) -> None:
     from mlflow.entities import RunTag
     tags = pl.identity_tags(root)
-    if pl.estimate_s:  # cluster/status.py shows it beside the time the point took
-        tags["estimate_s"] = f"{pl.estimate_s:.0f}"
+    if pl.job_estimate_s:  # cluster/status.py shows it beside the point's wall_s (its job, without start-up)
+        tags["estimate_s"] = f"{pl.job_estimate_s:.0f}"
     c.log_batch(pl.run_id, tags=[RunTag(tracking.TAG + k, v) for k, v in tags.items() if v is not None])
     if pl.phase == "all" and pl.action == "resume":  # once evaluation-only, now pre-training itself
         old = c.get_run(pl.run_id).data.tags

@@ -42,6 +42,7 @@ class Planned:
 
     failures: int = 0            # times the existing run ended FAILED
     estimate_s: float | None = None   # its time on this machine (cluster/estimate.py), once the launch estimated it
+    job_estimate_s: float | None = None  # the same less its process's start-up: what its run's wall_s measures
     signatures: tuple = ()       # plan(check=False): the pre-training signature with and without the teacher
 
     @property

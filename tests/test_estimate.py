@@ -48,6 +48,11 @@ def test_the_smoke_sweep_takes_what_its_plan_said_within_a_factor_of_1_5(tmp_pat
         assert 1 / FACTOR <= w / e <= FACTOR, (point, w, e)
     assert 1 / FACTOR <= wall / est <= FACTOR, (wall, est)
     assert (tmp_path / "cache" / "mimsweep" / "timings.json").is_file()
+    # status.py shows each point's job time beside its estimate (the tag the launch wrote), as for SLURM sweeps
+    status = run_cli("cluster/status.py", "sweep=mcm_mask_ratio", "preset=smoke", f"output_root={tmp_path / 'out'}")
+    assert status.returncode == 0, status.stderr
+    shown = re.findall(r"(\d+) s / (\d+) s$", status.stdout, re.M)
+    assert len(shown) == 4, status.stdout
     # the same shape again: the timing comes from the cache, the plan is printed without timing anything
     again = run_cli("sweeps/run.py", "sweep=mcm_decoder_depth", "preset=smoke", "dry_run=true",
                     f"output_root={tmp_path / 'out'}", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
