@@ -25,6 +25,15 @@ class Backend:
         self.cfg, self.uri, self.root, self.sweep = cfg, uri, root, sweep
         self.task_overrides, self.raw_uri = task_overrides, raw_uri
 
+    def command(self, script: str) -> str:
+        """`python SCRIPT` with the launch's overrides (password redacted), as the user types it next:
+        cluster/status.py and reports/build.py compose the same grid only from the same overrides."""
+        import shlex
+
+        from core import tracking
+        return " ".join(["python", script, *(shlex.quote(tracking.redact_text(o, self.raw_uri))
+                                             for o in self.task_overrides if not o.startswith("hydra"))])
+
     def prepare(self, planned: list[Planned], todo: list[Planned], trained: list) -> list[Planned]:
         return todo
 

@@ -21,6 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from core.config import ConfigError
 
 BACKENDS = ("local", "slurm")
@@ -105,7 +107,14 @@ def validate_cluster(cl, prefix: str = "cluster") -> None:
             raise ConfigError(f"{prefix}.setup", setup, "must be a list of shell lines")
         for i, line in enumerate(setup):
             text(f"{prefix}.setup[{i}]", line, optional=False, what="shell line")
-    text(f"{prefix}.python", cl.get("python"), what="path to a python interpreter")
+    python = cl.get("python")
+    text(f"{prefix}.python", python, what="path to a python interpreter")
+    if python is not None and not (setup and "/" not in python):  # a bare name may come from a setup line
+        found = shutil.which(python)
+        if found is None:
+            raise ConfigError(f"{prefix}.python", python, "is not an executable on this machine" + (
+                "" if "/" in python else " (not on PATH)"), "Give the interpreter the nodes run, at a path they "
+                "share with this machine (null = the one running sweeps/run.py).")
 
 
 def _resources(res, prefix: str) -> None:
@@ -159,6 +168,20 @@ def checkpoint_bytes(cfg) -> int:
     return 2 * encoder * 3 * 4
 
 
+def model_fits(cfg, overrides: list[str], memory_bytes: int, where: str) -> None:
+    """The point's model with its gradients and AdamW state (4 copies of the parameters: checkpoint_bytes
+    holds 3) fits the memory it trains in. Named by the `model` key the command line or the sweep changed:
+    a typo like model.embed_dim=100000 would otherwise only show as a disk-space error."""
+    need = checkpoint_bytes(cfg) * 4 // 3
+    if need <= memory_bytes:
+        return
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if o.lstrip("+~").startswith("model")]
+    key = keys[-1] if keys else "model"
+    value = cfg.model.name if key == "model" else OmegaConf.select(cfg, key)
+    raise ConfigError(key, value, f"gives a model whose weights, gradients and AdamW state alone need about "
+                      f"{_size(need)}, more than {where} ({_size(memory_bytes)})", "Pick a smaller model.")
+
+
 def output_folder(root, need_bytes: int | None = None) -> None:
     """output_root (or its nearest existing ancestor: a dry run creates nothing) is writable and, when
     `need_bytes` is given, has that much free space. Read only: nothing is created here."""
@@ -170,6 +193,10 @@ def output_folder(root, need_bytes: int | None = None) -> None:
         raise ConfigError("output_root", str(root), f"{probe} is not a writable folder" + (
             "" if probe == path else f" (the nearest existing part of {path})"),
                           "Pick a folder you can write to (output_root=/a/writable/folder).")
+    fs = os.statvfs(probe)
+    if fs.f_blocks == 0:  # /proc, /sys, ...: a filesystem with no blocks stores no files
+        raise ConfigError("output_root", str(root), f"{probe} is on a virtual filesystem that stores no files",
+                          "Pick a folder on a disk (output_root=/a/writable/folder).")
     if need_bytes is not None:
         free = shutil.disk_usage(probe).free
         if free < need_bytes:

@@ -8,7 +8,8 @@ the launch with a message naming the key, with no half-launched sweep left behin
 1. compose + validate every point (core/config.py), then the keys that say where and how points run
    (cluster/checks.py: the `cluster` group, output_root, names, no control characters anywhere);
 2. read the store (never create it here), decide skip / resume / new;
-3. SLURM: tools, partition, queue, and `sbatch --test-only` of the real script;
+3. SLURM: tools, controller, partition and its nodes, queue, and `sbatch --test-only` of the real script;
+   then each point's time on this machine and the sweep's (cluster/estimate.py), printed with the plan;
 4. dry run: print and stop (nothing written: no database, experiment or folder);
 5. create the experiment (create-or-get), the launch run and the point runs, then run or submit. A
    failure from here on marks the launch run and every point run it did not hand over FAILED, with the
@@ -16,6 +17,7 @@ the launch with a message naming the key, with no half-launched sweep left behin
 """
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cluster import checks
+from cluster import checks, estimate
 from cluster.backend import Backend
 from core import methods, tracking
 from core.config import ConfigError
@@ -53,6 +55,24 @@ def check_tracking(uri: str, create: bool = True, shown: str | None = None):
                           f"({type(e).__name__}: {msg})", "Start the server or fix the URI; nothing was run.") from None
 
 
+PATIENCE_S = 600  # how long a launch retries a store that answers with a transient failure
+
+
+class Patient:
+    """The launch's MLflow client: a call that meets a transient failure (a server's 5xx or dropped connection,
+    SQLite's "database is locked" past its busy timeout when many launches write at once) is retried for up
+    to PATIENCE_S (core.tracking.patiently) instead of failing the launch and its points."""
+
+    def __init__(self, c, wait_s: float = PATIENCE_S):
+        self._c, self._wait_s = c, wait_s
+
+    def __getattr__(self, name):
+        attr = getattr(self._c, name)
+        if not callable(attr):
+            return attr
+        return functools.partial(tracking.patiently, attr, wait_s=self._wait_s, what=f"the launch's {name}")
+
+
 def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     """Entry of `sweeps/run.py`. Returns the process exit code."""
     name, planned = plan(cfg, task_overrides)
@@ -67,9 +87,13 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         raise ConfigError("cluster.backend", backend, "must be one of " + ", ".join(checks.BACKENDS))
     root = Path(cfg.output_root).resolve() / "runs" / exp_name
 
+    memory, where = _memory(cfg)
+    for pl in planned:
+        checks.model_fits(pl.cfg, [*task_overrides, *pl.point.overrides], memory, where)
     checks.output_folder(cfg.output_root)                            # read only, as everything up to step 5
     checks.tracking_uri(uri, shown)
     c = check_tracking(uri, create=False, shown=raw_uri)            # read only: a dry run must create nothing
+    c = Patient(c) if c is not None else None
     exp_id = tracking.find_experiment(c, exp_name)
     # finished pre-trainings: the whole store or this experiment, per `reuse` (runs of older versions migrated
     # once; a dry run writes nothing)
@@ -83,7 +107,12 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     checks.output_folder(cfg.output_root, sum(sizes) + max(sizes, default=0) + 64 * 2 ** 20 if todo else None)
     runner = backend_for(cfg, uri, root, name, task_overrides, raw_uri)
     todo = runner.prepare(planned, todo, trained)          # read only: scheduler checks, final list
+    slots, threads = _parallelism(cfg, len(todo))
+    _, total, note = estimate.estimate(cfg, todo, slots, threads, _floors_in(c, exp_id))
+    runner.estimate_s = total or None
     print_plan(name, planned, shown)
+    if note:
+        print(note)
     if cfg.dry_run:
         print(runner.describe(todo))
         return 0
@@ -95,7 +124,7 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         print("nothing to do: every point has a finished, queued or running run" + (" or gave up." if given_up else "."))
         return 1 if given_up else 0
 
-    c = check_tracking(uri, create=True, shown=raw_uri)
+    c = Patient(check_tracking(uri, create=True, shown=raw_uri))
     exp_id = tracking.experiment_id(c, exp_name, uri)
     tracking.close_orphaned_launches(c, exp_id)
     parent, handed_over = None, set()
@@ -135,6 +164,47 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _parallelism(cfg, n: int) -> tuple[int, int]:
+    """(points at once, threads each): cluster.workers here (cluster/local.py), the array's throttle on SLURM."""
+    if cfg.cluster.backend == "slurm":
+        return max(1, min(int(cfg.cluster.array_parallelism), n)), int(cfg.cluster.cpus_per_task)
+    from cluster.local import workers_for
+    from core.training.data import cpu_count
+    w = workers_for(cfg, max(n, 1))
+    return w, max(1, cpu_count() // w)
+
+
+def _floors_in(c, exp_id):
+    """cfg -> whether the experiment holds a finished random-init floor of that seed, model and data
+    (core/evaluation/floors.py: the point reuses it instead of computing it)."""
+    found = set()
+    if c is not None and exp_id:
+        for r in c.search_runs([exp_id], f"tags.`{tracking.TAG}kind` = 'floor' and attributes.status = 'FINISHED'",
+                               max_results=1000):
+            p = r.data.params
+            found.add((p.get("seed"), p.get("model.name"), p.get("data.name")))
+    return lambda cfg: (str(cfg.seed), str(cfg.model.name), str(cfg.data.name)) in found
+
+
+def _memory(cfg) -> tuple[int, str]:
+    """(bytes, where in words) of the memory a point of this launch trains in: this machine's RAM (its GPU's on
+    CUDA) for a local launch, the largest node of the partition for SLURM."""
+    import os
+    import shutil
+    if cfg.cluster.backend == "slurm":
+        from cluster.slurm import partitions
+        nodes = partitions() if shutil.which("sinfo") else {}
+        part = cfg.cluster.partition or next((p for p, n in nodes.items() if n["default"]), None)
+        if part in nodes and nodes[part]["mem_mb"]:
+            return nodes[part]["mem_mb"] * 2 ** 20, f"the memory of the largest node of partition {part}"
+        return 2 ** 62, "the nodes' memory"
+    from core.config import on_cuda
+    if on_cuda(cfg):
+        import torch
+        return torch.cuda.get_device_properties(0).total_memory, "this machine's GPU memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
 def _todo(planned: list[Planned]) -> list[Planned]:
     """The points to run, those that pre-train first (a local launch evaluates the others after them)."""
     return sorted((pl for pl in planned if pl.action in ("new", "resume")), key=lambda pl: pl.pretrain == "after")
@@ -143,6 +213,8 @@ def _todo(planned: list[Planned]) -> list[Planned]:
 def _tag_identity(c, pl: Planned, root: Path) -> None:
     from mlflow.entities import RunTag
     tags = pl.identity_tags(root)
+    if pl.job_estimate_s:  # cluster/status.py shows it beside the point's wall_s (its job, without start-up)
+        tags["estimate_s"] = f"{pl.job_estimate_s:.0f}"
     c.log_batch(pl.run_id, tags=[RunTag(tracking.TAG + k, v) for k, v in tags.items() if v is not None])
     if pl.phase == "all" and pl.action == "resume":  # once evaluation-only, now pre-training itself
         old = c.get_run(pl.run_id).data.tags

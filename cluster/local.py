@@ -81,6 +81,7 @@ def run_all(todo, uri: str, root: Path, workers: int = 1) -> list[dict]:
         t0 = time.perf_counter()
         status, metrics, reason = _attempt(pl, uri, root)
         rows.append({"point": pl.point.label, "seed": pl.point.seed, "run": pl.run_id, "status": status,
+                     "estimate_s": getattr(pl, "estimate_s", None),
                      "metrics": metrics, "wall_s": time.perf_counter() - t0})
         _ended(rows[-1], reason)
     return rows
@@ -172,7 +173,7 @@ def _run_parallel(todo, uri: str, root: Path, workers: int) -> list[dict]:
     ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads, locks or MLflow clients
     pool = [_Worker(ctx, threads) for _ in range(workers)]
     rows = [{"point": pl.point.label, "seed": pl.point.seed, "run": pl.run_id, "status": "KILLED", "metrics": {},
-             "wall_s": 0.0} for pl in todo]
+             "wall_s": 0.0, "estimate_s": getattr(pl, "estimate_s", None)} for pl in todo]
     pending, ended = list(range(len(todo))), set()
 
     def ready(i: int) -> bool:  # an `after` point waits for its trainer of this launch to end
@@ -239,16 +240,22 @@ def _run_parallel(todo, uri: str, root: Path, workers: int) -> list[dict]:
     return rows
 
 
-def print_summary(rows: list[dict], skipped: int, report_cmd: str | None) -> None:
-    """The table a local sweep ends with, and the command to run next."""
+def print_summary(rows: list[dict], skipped: int, report_cmd: str | None, wall_s: float | None = None,
+                  estimate_s: float | None = None) -> None:
+    """The table a local sweep ends with (each point's wall time beside its estimate, cluster/estimate.py, and
+    the sweep's), and the command to run next."""
     keys = sorted({k for r in rows for k in r["metrics"]})
-    head = ["point", "seed", "status", *keys, "wall"]
+    est = any(r.get("estimate_s") for r in rows)
+    head = ["point", "seed", "status", *keys, "wall", *(["estimate"] if est else [])]
     body = [[r["point"], str(r["seed"]), r["status"], *(f"{r['metrics'][k]:.2f}" if k in r["metrics"] else "-"
-                                                        for k in keys), f"{r['wall_s']:.0f} s"] for r in rows]
+                                                        for k in keys), f"{r['wall_s']:.0f} s",
+             *([f"{r['estimate_s']:.0f} s" if r.get("estimate_s") else "-"] if est else [])] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     print("\nsummary" + (f" ({skipped} point(s) skipped: already finished)" if skipped else ""))
     for line in [head, *body]:
         print("  " + "  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+    if wall_s is not None:
+        print(f"sweep: {wall_s:.0f} s" + (f" (estimate {estimate_s:.0f} s)" if estimate_s else ""))
     if report_cmd:
         print(f"next: {report_cmd}")
 
@@ -267,7 +274,9 @@ class Local(Backend):
         import shlex
 
         from core import tracking
+        t0 = time.perf_counter()
         rows = run_all(todo, self.uri, self.root, workers_for(self.cfg, len(todo)))
+        wall = time.perf_counter() - t0
         handed_over.update(pl.run_id for pl in todo)   # run_point ended each of them, one way or another
         failed = sum(r["status"] != "FINISHED" for r in rows)
         report = None
@@ -275,7 +284,7 @@ class Local(Backend):
             report = "python reports/build.py " + " ".join(
                 shlex.quote(tracking.redact_text(o, self.raw_uri)) for o in self.task_overrides
                 if not o.startswith("hydra"))
-        print_summary(rows, skipped, report)
+        print_summary(rows, skipped, report, wall, getattr(self, "estimate_s", None))
         c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed, "skipped": skipped}))
         tracking.set_status(c, parent, "FAILED" if failed else "FINISHED")
         return 1 if failed else 0

@@ -53,6 +53,15 @@ def _run(cmd: list[str], timeout: int = 60) -> subprocess.CompletedProcess:
 
 
 # ---------------------------------------------------------------- checks before anything is submitted
+UNREACHABLE = ("Unable to contact slurm controller", "Slurmctld(primary) at", "Socket timed out", "Connection refused")
+
+
+def unreachable(detail: str) -> ConfigError:
+    """The error for a controller that does not answer (not a resource problem: the fix is to start it)."""
+    return ConfigError("cluster", "slurm", f"the SLURM controller does not answer ({detail.strip().splitlines()[0]})",
+                       "Start it (bash cluster/local_slurm.sh up), or check SLURM_CONF; nothing was created.")
+
+
 def preflight(cl) -> int:
     """Fail early with what to change; returns the cluster's MaxArraySize."""
     for tool in ("sbatch", "squeue", "sacct", "scontrol"):
@@ -60,15 +69,74 @@ def preflight(cl) -> int:
             raise ConfigError("cluster", "slurm", f"`{tool}` is not on PATH on this machine",
                               "Launch from a SLURM login node, or use cluster=local (for a local test cluster: "
                               "bash cluster/local_slurm.sh up).")
-    if cl.partition:
-        res = _run(["sinfo", "-h", "-o", "%P"])
-        parts = {p.rstrip("*") for p in res.stdout.split()}
-        if cl.partition not in parts:
-            raise ConfigError("cluster.partition", cl.partition, "is not a partition of this cluster "
-                              f"(sinfo lists: {', '.join(sorted(parts)) or 'none'})")
+    ping = _run(["scontrol", "ping"], timeout=30)  # answers at once; sinfo retries a dead controller for ~10 s
+    if ping.returncode != 0 or "DOWN" in ping.stdout:
+        raise unreachable(ping.stdout + ping.stderr)
+    nodes = partitions()
+    if cl.partition and cl.partition not in nodes:
+        raise ConfigError("cluster.partition", cl.partition, "is not a partition of this cluster "
+                          f"(sinfo lists: {', '.join(sorted(nodes)) or 'none'})")
+    part = cl.partition or next((p for p, n in nodes.items() if n["default"]), None)
+    if part in nodes:
+        check_resources(cl, "cluster", part, nodes[part])
+        if cl.get("separate_eval"):
+            check_resources(cl.eval, "cluster.eval", part, nodes[part])
     res = _run(["scontrol", "show", "config"])
     m = re.search(r"MaxArraySize\s*=\s*(\d+)", res.stdout)
     return int(m.group(1)) if m else 1001
+
+
+def _minutes(limit: str) -> float:
+    """SLURM's time limit ([D-]HH:MM:SS, MM:SS, MM, D-HH[:MM], infinite) in minutes."""
+    if limit.lower() in ("infinite", "unlimited", "n/a", ""):
+        return float("inf")
+    days, _, rest = limit.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+        return int(days) * 1440 + h * 60 + m + sec / 60
+    if len(parts) == 3:
+        return parts[0] * 60 + parts[1] + parts[2] / 60
+    return parts[0] + (parts[1] / 60 if len(parts) == 2 else 0)
+
+
+def partitions() -> dict[str, dict]:
+    """{partition: the largest node's cpus, memory (MiB) and GPUs, its time limit (min), default?}: one sinfo call."""
+    res = _run(["sinfo", "-h", "-o", "%P|%c|%m|%G|%l"])
+    if res.returncode != 0:
+        raise unreachable(res.stderr or res.stdout) if any(u in res.stderr for u in UNREACHABLE) else ConfigError(
+            "cluster", "slurm", f"sinfo failed: {(res.stderr or res.stdout).strip()[:200]}")
+    out: dict[str, dict] = {}
+    for line in res.stdout.splitlines():
+        name, cpus, mem, gres, limit = (line.split("|") + [""] * 5)[:5]
+        gpus = sum(int(re.sub(r"\(.*", "", g).rsplit(":", 1)[-1] or 0) for g in gres.split(",")
+                   if g.startswith("gpu") and re.sub(r"\(.*", "", g).rsplit(":", 1)[-1].isdigit())
+        n = out.setdefault(name.rstrip("*"), {"cpus": 0, "mem_mb": 0, "gpus": 0, "time_min": 0.0,
+                                              "default": name.endswith("*")})
+        n["cpus"] = max(n["cpus"], int(re.sub(r"\D", "", cpus) or 0))
+        n["mem_mb"] = max(n["mem_mb"], int(re.sub(r"\D.*", "", mem) or 0))
+        n["gpus"] = max(n["gpus"], gpus)
+        n["time_min"] = max(n["time_min"], _minutes(limit))
+    return out
+
+
+def check_resources(res, prefix: str, partition: str, node: dict) -> None:
+    """Each resource the job asks for fits the partition's largest node (named by its key; sbatch --test-only
+    would only say that the request cannot be satisfied)."""
+    procs = max(int(res.gpus_per_task or 0), 1)   # one process per GPU (sbatch_script's --ntasks-per-node)
+    where = f"the largest node of partition {partition}"
+    if res.gpus_per_task * procs > node["gpus"]:
+        raise ConfigError(f"{prefix}.gpus_per_task", res.gpus_per_task, f"{res.gpus_per_task * procs} GPUs is more "
+                          f"than {where} has ({node['gpus']})", "gpus_per_task=0 runs on CPUs.")
+    if res.cpus_per_task * procs > node["cpus"]:
+        raise ConfigError(f"{prefix}.cpus_per_task", res.cpus_per_task, f"{res.cpus_per_task * procs} CPUs "
+                          f"({procs} process(es)) is more than {where} has ({node['cpus']})")
+    if res.mem_gb * 1024 > node["mem_mb"]:
+        raise ConfigError(f"{prefix}.mem_gb", res.mem_gb, f"is more memory than {where} has "
+                          f"({node['mem_mb'] / 1024:.1f} GiB)")
+    if res.time_min > node["time_min"]:
+        raise ConfigError(f"{prefix}.time_min", res.time_min, f"is longer than partition {partition}'s time limit "
+                          f"({node['time_min']:.0f} min)")
 
 
 def test_only(script: str) -> None:
@@ -77,6 +145,8 @@ def test_only(script: str) -> None:
                          timeout=60)
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip().splitlines()
+        if any(u in (res.stderr or res.stdout) for u in UNREACHABLE):
+            raise unreachable(res.stderr or res.stdout)
         raise ConfigError("cluster", "slurm", "the scheduler rejects this resource request: "
                           + (msg[-1] if msg else f"sbatch exit {res.returncode}"),
                           "Change cluster.gpus_per_task, cluster.cpus_per_task, cluster.mem_gb, cluster.time_min "
@@ -327,10 +397,11 @@ class Slurm(Backend):
         from cluster import snapshot
         snapshot.write(self.snap)
         snapshot.record(c, parent, self.snap)
-        return _submit(c, parent, todo, self.arrays, self.cfg, self.uri, self.root, self.sweep, handed_over)
+        return _submit(c, parent, todo, self.arrays, self.cfg, self.uri, self.root, self.command("cluster/status.py"),
+                       handed_over)
 
 
-def _submit(c, parent: str, todo: list, arrays: list[dict], cfg, uri: str, root: Path, name: str,
+def _submit(c, parent: str, todo: list, arrays: list[dict], cfg, uri: str, root: Path, status_cmd: str,
             handed_over: set) -> int:
     from core import tracking
     try:
@@ -355,5 +426,5 @@ def _submit(c, parent: str, todo: list, arrays: list[dict], cfg, uri: str, root:
             c.set_tag(parent, tracking.TAG + "slurm_arrays", ",".join(ids))
     tracking.set_status(c, parent, "FINISHED")  # the launch is done; the points report into their own runs
     print(f"queued {len(todo)} point(s) as {len(arrays)} array job(s): {', '.join(ids)}")
-    print(f"follow them with: python cluster/status.py sweep={name}  (MLflow: {tracking.redact(uri)})")
+    print(f"follow them with: {status_cmd}  (MLflow: {tracking.redact(uri)})")
     return 0

@@ -34,7 +34,7 @@ def gather(cfg, overrides: list[str]):
     from core import tracking
     from sweeps.plan import decide, match, plan
 
-    name, planned = plan(cfg, overrides)
+    name, planned = plan(cfg, overrides, check=False)  # the launch checked the points; no torch needed here
     uri = tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
     c = launch.check_tracking(uri, create=False)  # status never creates a store
     exp = c.get_experiment_by_name(cfg.tracking.experiment or name) if c is not None else None
@@ -54,15 +54,18 @@ def show(name: str, rows, uri: str) -> None:
     from core import tracking
     print(f"sweep {name} (MLflow {tracking.redact(uri)})")
     print(f"  {'point':22s} {'seed':>4s} {'signature':12s} {'mlflow':9s} {'slurm':24s} {'progress':>8s} "
-          f"{'loss':>8s} {'knn':>6s} {'linear':>6s}")
+          f"{'loss':>8s} {'knn':>6s} {'linear':>6s} {'time / estimate':>16s}")
     for pl, run, jobs, states in rows:
         m = run.data.metrics if run else {}
         slurm_col = ",".join(f"{j}:{s}" for j, s in zip(jobs, states)) or "-"
         prog = f"{100 * m['progress']:.0f}%" if "progress" in m else "-"
         fmt = lambda k, f: format(m[k], f) if k in m else "-"  # noqa: E731
+        est = run.data.tags.get(tracking.TAG + "estimate_s") if run else None   # cluster/estimate.py, at launch
+        took = f"{fmt('wall_s', '.0f')} s / {est + ' s' if est else '-'}"
         print(f"  {pl.point.label:22s} {pl.point.seed:>4d} {pl.signature:12s} "
               f"{(run.info.status if run else 'absent'):9s} {slurm_col:24s} {prog:>8s} "
-              f"{fmt('train_loss', '.4f'):>8s} {fmt('knn_top1', '.1f'):>6s} {fmt('linear_top1', '.1f'):>6s}")
+              f"{fmt('train_loss', '.4f'):>8s} {fmt('knn_top1', '.1f'):>6s} {fmt('linear_top1', '.1f'):>6s} "
+              f"{took:>16s}")
 
 
 def _select(rows, label: str):

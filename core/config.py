@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+# MLflow 3's telemetry client runs in a thread of every process that imports mlflow and rewrites this process's
+# environment (_MLFLOW_TELEMETRY_SESSION_ID) while launches and jobs read it: off in our processes (and the jobs
+# they start inherit it). Every entry point imports this module before mlflow.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "sweeps" / "conf"
@@ -34,10 +40,30 @@ def _plugin_config_dirs() -> list[str]:
 
 # The `cluster` group lives in cluster/ (one file per cluster profile), found through the repo root; then
 # the config folders of installed method plug-ins.
-SEARCHPATH = f"hydra.searchpath=[{','.join([f'file://{REPO}'] + _plugin_config_dirs())}]"
+SEARCH_DIRS = [f"file://{REPO}"] + _plugin_config_dirs()
+SEARCHPATH = f"hydra.searchpath=[{','.join(SEARCH_DIRS)}]"
+
+
+def config_groups_text() -> str:
+    """`group: option, option, ...` lines of every config group on the search path (SEARCHPATH included: the
+    `cluster` profiles and plug-ins' methods), for `--help` (`${mimsweep_groups:}` in sweeps/conf/hydra/help/).
+    Hydra's own `$APP_CONFIG_GROUPS` lists the groups before the command line's search path applies, so it
+    misses `cluster`. Read from the folders (a group = a folder of YAML files), not through Hydra's loader:
+    Hydra resolves this at every composition, and the loader's listing takes ~0.3 s."""
+    roots = [CONFIG_DIR] + [Path(d[len("file://"):]) for d in SEARCH_DIRS]
+    groups: dict[str, set] = {}
+    for root in roots:
+        for folder in (p for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
+            options = {f.stem for f in folder.glob("*.yaml")}
+            if options:
+                groups.setdefault(folder.name, set()).update(options)
+    return "\n".join(f"{g}: {', '.join(sorted(o))}" for g, o in sorted(groups.items()))
+
+
+OmegaConf.register_new_resolver("mimsweep_groups", config_groups_text, replace=True)
 
 RUN_ONLY = (
-    "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "reuse", "device", "report_dir",
+    "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "reuse", "device", "report_dir", "estimate",
     "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.compile", "data.num_workers", "data.root", "evaluate.batch_size",
 )
 
@@ -80,18 +106,54 @@ def hydra_error(e: Exception, overrides: list[str]) -> str | None:
             and getattr(cause, "full_key", None) in by_key:
         key = cause.full_key
         o = by_key[key]
-        try:  # the real keys, for the did-you-mean: the same command line without this override
-            from hydra import compose, initialize_config_dir
-            from hydra.core.global_hydra import GlobalHydra
-            GlobalHydra.instance().clear()
-            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                ref = compose("config", overrides=[SEARCHPATH] + [x for x in overrides if x != o and "=" in x
-                                                   and not x.startswith("hydra")])
-            known = flatten(ref)
-        except Exception:  # noqa: BLE001 - another mistake on the line: no suggestion then
-            known = {}
+        swept = _set_by_sweep(key, o.split("=", 1)[1], by_key.get("sweep", "").partition("=")[2])
+        if swept is not None:
+            return str(swept)
+        # the real keys, for the did-you-mean: the same command line without this override (none if it has
+        # another mistake)
+        known = _keys_with([x for x in overrides if x != o and "=" in x and not x.startswith("hydra")])
         return str(unknown_key(key, o.split("=", 1)[1], known))
     return " ".join(lines[:1] + ([str(cause).splitlines()[0]] if cause is not None and str(cause) else []))
+
+
+def _set_by_sweep(key: str, value, sweep: str) -> ConfigError | None:
+    """The error for an override of a key that only the sweep's own configs have (the points of
+    `sweep=maskalign_topk` select method=maskalign, whose `method.top_k` the default method lacks):
+    the sweep sets it (grid, points, fixed), or a group choice of its `fixed` brings it (`++KEY=VALUE`)."""
+    path = CONFIG_DIR / "sweep" / f"{sweep}.yaml"
+    if not sweep or not path.is_file():
+        return None
+    spec = OmegaConf.load(path)
+    key_of = lambda o: str(o).split("=", 1)[0].lstrip("+~")  # noqa: E731
+    fixed = [str(o) for o in spec.get("fixed") or []]
+    if key in (spec.get("grid") or {}):
+        return ConfigError(key, value, f"the sweep {sweep} sweeps this key (grid values {list(spec.grid[key])}) and "
+                           "its grid would replace this override", f"To change the grid: 'sweep.grid={{{key}:[{value}]}}'"
+                           " (a list of values), or a new file in sweeps/conf/sweep/.")
+    if any(key_of(o) == key for p in spec.get("points") or [] for o in p.get("overrides") or []):
+        return ConfigError(key, value, f"the points of sweep {sweep} set this key and would replace this override",
+                           "Change the points (sweep.points=[...]) or write a new file in sweeps/conf/sweep/.")
+    if any(key_of(o) == key for o in fixed):
+        return ConfigError(key, value, f"the sweep {sweep} fixes this key (fixed: {fixed}) and would replace this "
+                           "override", "Change the sweep's fixed overrides (sweep.fixed=[...]) or write a new file in "
+                           "sweeps/conf/sweep/.")
+    choices = [o for o in fixed if "." not in key_of(o)]
+    if choices and key in _keys_with(choices):
+        return ConfigError(key, value, f"only the sweep's own choice ({', '.join(choices)}) has this key, and the "
+                           "command line is read before the sweep's choices apply", f"Write it as ++{key}={value}.")
+    return None
+
+
+def _keys_with(overrides: list[str]) -> dict:
+    """The flattened keys of the config composed with these overrides (for error messages only)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return flatten(compose("config", overrides=[SEARCHPATH, *overrides]))
+    except Exception:  # noqa: BLE001 - a message helper: no keys rather than a second error
+        return {}
 
 
 def flatten(cfg, prefix: str = "") -> dict:
@@ -173,6 +235,9 @@ def check_pretrain(cfg) -> None:
     check(p.warmup_epochs <= p.epochs, "pretrain.warmup_epochs", p.warmup_epochs,
           f"must not exceed pretrain.epochs={p.epochs}")
     check_in(cfg, "pretrain.precision", ("fp32", "bf16", "fp16"))
+    check(p.precision != "fp16" or on_cuda(cfg), "pretrain.precision", p.precision,
+          f"needs a CUDA GPU (autocast + grad scaler), and this point runs on the CPU ({where(cfg)})",
+          "Use bf16 or fp32 on a CPU.")
     c = p.get("compile", "auto")
     check(c == "auto" or isinstance(c, bool), "pretrain.compile", c, "must be auto, true or false",
           "auto = torch.compile on CUDA, eager on CPU.")
@@ -182,12 +247,37 @@ def check_pretrain(cfg) -> None:
     check_number(cfg, "pretrain.log_every", 1, integer=True)
 
 
+def on_cuda(cfg) -> bool:
+    """Whether the point will run on a CUDA GPU: `device`, and for `auto` where it runs (this machine for a
+    local launch, a SLURM task with cluster.gpus_per_task > 0)."""
+    if cfg.device != "auto":
+        return cfg.device == "cuda"
+    if cfg.cluster.get("backend") == "slurm":
+        return bool(cfg.cluster.get("gpus_per_task"))
+    import torch
+    return torch.cuda.is_available()
+
+
+def where(cfg) -> str:
+    """Why on_cuda(cfg) said no, in words."""
+    if cfg.device != "auto":
+        return f"device={cfg.device}"
+    if cfg.cluster.get("backend") == "slurm":
+        return "device=auto in a SLURM task with cluster.gpus_per_task=0"
+    return "device=auto, and this machine has no CUDA GPU"
+
+
 def check_run(cfg) -> None:
     """The top-level keys: task, device, reuse, seed, and the tracking store's patience."""
     check_number(cfg, "tracking.outage_wait_s", 0, optional=True)
     check_in(cfg, "task", ("train", "flops"))
     check_in(cfg, "device", ("auto", "cpu", "cuda"))
+    if cfg.device == "cuda" and cfg.cluster.get("backend") != "slurm":
+        import torch
+        check(torch.cuda.is_available(), "device", "cuda", "this machine has no CUDA GPU (a local launch runs here)",
+              "Use device=auto or cpu, or cluster=slurm with cluster.gpus_per_task >= 1.")
     check_in(cfg, "reuse", ("store", "experiment", "none"))
+    check_in(cfg, "estimate", ("auto", True, False))
     check_number(cfg, "seed", 0, integer=True)
 
 

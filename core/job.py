@@ -72,7 +72,8 @@ def init_distributed(rank: int, world: int, device: torch.device) -> None:
 def log_artifacts(c, run_id: str, model, teacher, split, cfg, device) -> None:
     """After pre-training: the method's pictures (attention maps, ...) of a few test images as PNGs in
     `figures/`, and the encoder as a timm state_dict in `encoder/` (`timm.create_model(name,
-    checkpoint_path=".../timm_state_dict.pth", **timm_kwargs.json)`; what detectron2/mmseg backbones take)."""
+    checkpoint_path=".../timm_state_dict.pth", **timm_kwargs.json)`; what detectron2/mmseg backbones take), whose
+    pooled output is the evaluation's feature (`evaluate.pool`, of the last block)."""
     import json
     import tempfile
 
@@ -94,7 +95,7 @@ def log_artifacts(c, run_id: str, model, teacher, split, cfg, device) -> None:
         export.mkdir()
         torch.save(model.encoder.timm_state_dict(), export / "timm_state_dict.pth")
         (export / "timm_kwargs.json").write_text(json.dumps(
-            {"model_name": "vit_base_patch16_224", **model.encoder.timm_kwargs()}, indent=1))
+            {"model_name": "vit_base_patch16_224", **model.encoder.timm_kwargs(cfg.evaluate.pool)}, indent=1))
         c.log_artifacts(run_id, str(export), "encoder")
 
 

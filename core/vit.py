@@ -12,7 +12,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
 
 
 def sincos_pos_embed(grid: int, dim: int, cls_token: bool = True) -> torch.Tensor:
@@ -55,6 +54,9 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
 
 def blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> nn.ModuleList:
     """A stack of timm ViT blocks with a linearly increasing drop-path rate."""
+    # timm is imported here, not at the top: it costs ~1 s, and a launch or status.py imports this module
+    # (through the method registry) without building any model
+    from timm.models.vision_transformer import Block
     rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=partial(nn.LayerNorm, eps=1e-6))
@@ -169,11 +171,16 @@ class ViTEncoder(nn.Module):
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    def timm_kwargs(self) -> dict:
-        """timm.create_model kwargs that build this architecture as a `VisionTransformer`."""
+    def timm_kwargs(self, pool: str = "mean") -> dict:
+        """timm.create_model kwargs that build this architecture as a `VisionTransformer` whose pooled output
+        (`model(x)`) is `self.features(x, pool)`: `mean` = timm's `avg` pool of the patch tokens after the
+        final norm (`fc_norm=False` keeps timm's norm before the pool, as here), `cls` = timm's `token`."""
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool must be mean or cls, got {pool!r}")
         return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
                     embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                    num_classes=0, global_pool="token", reg_tokens=self.extra_tokens)
+                    num_classes=0, global_pool="avg" if pool == "mean" else "token", fc_norm=False,
+                    reg_tokens=self.extra_tokens)
 
     def timm_state_dict(self) -> dict:
         """This encoder as a timm `vit_*` state_dict (names are already timm's; CPU, contiguous). Extra

@@ -19,7 +19,6 @@ from core import tracking
 from core import methods
 from core.tracking import identity
 from core.config import SEARCHPATH, ConfigError
-from core.job import validate
 from sweeps.grid import Point, expand
 
 
@@ -42,6 +41,9 @@ class Planned:
     workdir: str | None = None   # an existing run's folder name, when it is not <signature>-<run> (old runs)
 
     failures: int = 0            # times the existing run ended FAILED
+    estimate_s: float | None = None   # its time on this machine (cluster/estimate.py), once the launch estimated it
+    job_estimate_s: float | None = None  # the same less its process's start-up: what its run's wall_s measures
+    signatures: tuple = ()       # plan(check=False): the pre-training signature with and without the teacher
 
     @property
     def workdir_name(self) -> str:
@@ -86,39 +88,89 @@ def _config_groups() -> set[str]:
     return {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()} | {"cluster"}
 
 
-def compose_point(base: list[str], point: Point, cache: dict | None = None) -> DictConfig:
+def compose_point(base: list[str], point: Point, cache: dict | None = None, check: bool = False) -> DictConfig:
     """The point's resolved config: Hydra composition of the user's overrides + the point's.
 
     A full Hydra compose costs ~0.2 s; a 1,000-point grid differs mostly in plain values (a mask ratio,
-    a seed). So the composition is cached per set of *group* choices and shared overrides, and the point's
-    own value overrides are applied to a copy with Hydra's own override machinery, then resolved.
+    a seed). So the composition is cached per set of *group* choices, and every value override (the user's
+    and the point's) is applied to a copy with Hydra's own override machinery, as Hydra applies them after
+    the defaults, then resolved. `check`: before that, a value for a key that is true/false in the configs must
+    be true or false (Hydra would take `data.hflip=maybe` as the string 'maybe', which every `if` reads as true).
     tests/test_config.py checks this gives exactly what a full compose gives for every shipped sweep.
     """
     from hydra import compose
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    cache = {} if cache is None else cache
     merged = merge_overrides(base, point.overrides)
     groups = _config_groups()
-    own = {override_key(o) for o in point.overrides}
-    shared = [o for o in merged if override_key(o) not in own or override_key(o) in groups]
-    values = [o for o in merged if override_key(o) in own and override_key(o) not in groups]
-    key = tuple(shared)
-    if cache is None or key not in cache:
-        composed = compose(config_name="config", overrides=[SEARCHPATH] + shared)
-        if cache is None:
-            cache = {}
-        cache[key] = composed
-    cfg = copy.deepcopy(cache[key])
+    in_compose = lambda o: override_key(o) in groups or override_key(o).split(".")[0] == "hydra"  # noqa: E731
+    choices = tuple(o for o in merged if in_compose(o))
+    values = [o for o in merged if not in_compose(o)]
+    if choices not in cache:
+        cache[choices] = compose(config_name="config", overrides=[SEARCHPATH, *choices])
+    cfg = copy.deepcopy(cache[choices])
     if values:
-        ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(values), cfg)
+        parsed = cache.setdefault("parser", OverridesParser.create()).parse_overrides(values)
+        if check:
+            for o in parsed:
+                default = OmegaConf.select(cfg, o.key_or_group, default=None, throw_on_missing=False)
+                if isinstance(default, bool) and not isinstance(o.value(), bool) and not o.is_delete():
+                    raise ConfigError(o.key_or_group, o.value(), "must be true or false")
+        ConfigLoaderImpl._apply_overrides_to_config(parsed, cfg)
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def check_command_line(task_overrides: list[str]) -> None:
+    """Mistakes Hydra passes silently: a key given twice (the last one wins: `pretrain.max_steps=3
+    pretrain.max_steps=5`, two options of one group `cluster=local cluster=slurm`), and `sweep.grid={}`,
+    which Hydra merges into the sweep's grid, changing nothing."""
+    seen: dict[str, str] = {}
+    for o in task_overrides:
+        key = override_key(o)
+        if key.split(".")[0] == "hydra" or "=" not in o:
+            continue
+        if key in seen:
+            raise ConfigError(key, o.partition("=")[2], f"the command line gives this key twice ({seen[key]} and {o}), "
+                              "and only the last would count", "Give each key once.")
+        seen[key] = o
+    grid = seen.get("sweep.grid")
+    if grid is not None and grid.partition("=")[2].replace(" ", "") in ("{}", "null"):
+        raise ConfigError("sweep.grid", grid.partition("=")[2], "an empty grid is merged into the sweep's grid and "
+                          "changes nothing", "Give the values to sweep: 'sweep.grid={KEY:[V1,V2]}'.")
+
+
+def check_spec(spec, name: str) -> None:
+    """The sweep spec's shape (a file in sweeps/conf/sweep/ or `sweep.*` overrides): ConfigError naming the key."""
+    grid, points = spec.get("grid"), spec.get("points")
+    if grid is not None and points is not None:
+        raise ConfigError("sweep.points", "[...]", f"sweep {name} gives both `grid` and `points`", "Keep one of them.")
+    if points is None:
+        if not OmegaConf.is_dict(grid) or len(grid) == 0:
+            raise ConfigError("sweep.grid", OmegaConf.to_container(grid) if OmegaConf.is_config(grid) else grid,
+                              f"sweep {name} needs a grid of at least one key (or `points`)",
+                              "e.g. grid: {method.mask_ratio: [0.6, 0.75]} in its file, or 'sweep.grid={KEY:[V1,V2]}'.")
+        for key, values in grid.items():
+            if not OmegaConf.is_list(values) or len(values) == 0:
+                raise ConfigError(f"sweep.grid.{key}", OmegaConf.to_container(values) if OmegaConf.is_config(values)
+                                  else values, f"sweep {name}: each grid key needs a non-empty list of values")
+        return
+    if not OmegaConf.is_list(points) or len(points) == 0:
+        raise ConfigError("sweep.points", points if not OmegaConf.is_config(points) else OmegaConf.to_container(points),
+                          f"sweep {name} needs a non-empty list of points", "Each: {label: NAME, overrides: [...]}.")
+    for i, p in enumerate(points):
+        if not OmegaConf.is_dict(p) or p.get("label") is None or not (p.get("overrides") is None
+                                                                       or OmegaConf.is_list(p.overrides)):
+            raise ConfigError(f"sweep.points[{i}]", OmegaConf.to_container(p) if OmegaConf.is_config(p) else p,
+                              "must be {label: NAME, overrides: [KEY=VALUE, ...]}")
 
 
 def sweep_points(cfg: DictConfig) -> tuple[str, list[Point]]:
     if cfg.get("sweep") is None:  # a single run of the composed config
         return "single", [Point("default", cfg.seed, [f"seed={cfg.seed}"])]
+    check_spec(cfg.sweep, cfg.sweep.get("name"))
     seeds = cfg.sweep.get("seeds")
     if seeds is not None:
         seeds = list(seeds) if OmegaConf.is_list(seeds) else seeds
@@ -184,7 +236,14 @@ def check_added_keys(task_overrides: list[str], base: list[str], point: Point, c
         raise unknown_key(key, value, known)
 
 
-def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]]:
+def plan(cfg: DictConfig, task_overrides: list[str], check: bool = True) -> tuple[str, list[Planned]]:
+    """The sweep's points, composed, (checked,) with their signatures. `check=False` (cluster/status.py: the
+    launch checked them) neither validates the points nor imports a method (and with it torch): the
+    pre-training signature is then known in both forms, with and without the teacher's keys, and match()
+    takes the one a run has (`signatures`)."""
+    if check:
+        from core.job import validate  # here: core.job imports torch, which status.py does without
+    check_command_line(task_overrides)
     name, points = sweep_points(cfg)
     base = user_overrides(task_overrides)
     check_swept(cfg, name, points, base)
@@ -192,16 +251,20 @@ def plan(cfg: DictConfig, task_overrides: list[str]) -> tuple[str, list[Planned]
     check_added_keys(task_overrides, base, points[0], cache)
     for p in points:
         try:
-            pc = compose_point(base, p, cache)
-            validate(pc)
+            pc = compose_point(base, p, cache, check=check)
+            if check:
+                validate(pc)
         except ConfigError as e:
             raise ConfigError(e.key, e.value, str(e).split(": ", 1)[1].rstrip("."),
                               f"(sweep {name}, point '{p.label}', seed {p.seed})") from None
-        sigs = (identity.pretrain_signature(pc, methods.uses_teacher(pc)), identity.eval_signature(pc),
-                identity.legacy_signature(pc))
+        if check:
+            alternatives = (identity.pretrain_signature(pc, methods.uses_teacher(pc)),)
+        else:
+            alternatives = (identity.pretrain_signature(pc, True), identity.pretrain_signature(pc, False))
         if pc.tracking.get("uri"):  # params, config.yaml and manifests never hold a password
             pc.tracking.uri = tracking.redact(pc.tracking.uri)
-        planned.append(Planned(p, pc, *sigs))
+        planned.append(Planned(p, pc, alternatives[0], identity.eval_signature(pc), identity.legacy_signature(pc),
+                               signatures=alternatives))
     return name, planned
 
 
@@ -220,7 +283,12 @@ def match(planned: list[Planned], runs: list) -> dict:
             legacy[t[tracking.TAG + "signature"]] = r
     out = {}
     for pl in planned:
-        run = pairs.get((pl.signature, pl.eval_sig)) or legacy.get(pl.legacy_sig)
+        for sig in pl.signatures or (pl.signature,):
+            run = pairs.get((sig, pl.eval_sig))
+            if run is not None:
+                pl.signature = sig
+                break
+        run = run or legacy.get(pl.legacy_sig)
         if run is not None:
             out[id(pl)] = run
     return out
@@ -335,5 +403,6 @@ def print_plan(name: str, planned: list[Planned], uri: str, file=sys.stdout) -> 
             pre = pl.pretrain
         if pl.action == "failed":
             extra = f" (run {pl.run_id[:8]} failed {pl.failures} times; not run again: retry_failed=true retries it)"
+        est = f", ~{pl.estimate_s:.0f} s" if pl.estimate_s else ""
         print(f"  {pl.action:6s} {pl.point.label:24s} seed={pl.point.seed} sig={pl.signature} "
-              f"pretrain {pre}, evaluate {pl.evaluate}{extra}", file=file)
+              f"pretrain {pre}, evaluate {pl.evaluate}{est}{extra}", file=file)

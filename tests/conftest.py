@@ -104,6 +104,12 @@ def _environment_restored():
     os.environ.update(saved)
 
 
+def replacing(base: list[str], *overrides: str) -> list[str]:
+    """`base` + `overrides`, each override replacing the entry of its key (a launch refuses a key given twice)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [o for o in base if o.split("=", 1)[0].lstrip("+~") not in keys] + list(overrides)
+
+
 # The smallest real configuration: the embedded data, vit_micro, a handful of steps.
 TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "evaluate.floor=false"]
 

@@ -66,6 +66,7 @@ def test_a_changed_grid_and_added_sweep_points_still_work(tmp_path):
     assert not any(tmp_path.iterdir())
     helped = run_cli("sweeps/run.py", "--help")
     assert helped.returncode == 0 and "mcm_mask_ratio" in helped.stdout
+    assert "cluster: local, slurm" in helped.stdout.splitlines()     # the group that lives in cluster/, too
 
 
 def test_offline_pretrained_tag_is_refused_naming_the_key(tmp_path):
@@ -273,7 +274,7 @@ def test_local_sweep_ends_with_a_summary_and_the_report_command(tmp_path):
     res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, f"output_root={tmp_path}")
     assert res.returncode == 0, res.stdout + res.stderr
     summary = res.stdout[res.stdout.index("\nsummary"):].strip().splitlines()
-    assert summary[1].split() == ["point", "seed", "status", "knn_top1", "linear_top1", "wall"], summary
+    assert summary[1].split() == ["point", "seed", "status", "knn_top1", "linear_top1", "wall", "estimate"], summary
     rows = {line.split()[0]: line.split() for line in summary[2:4]}
     assert set(rows) == {"masked", "all"} and all(r[2] == "FINISHED" and r[-1] == "s" for r in rows.values())
     assert all(0 <= float(r[3]) <= 100 and 0 <= float(r[4]) <= 100 for r in rows.values())
@@ -282,3 +283,64 @@ def test_local_sweep_ends_with_a_summary_and_the_report_command(tmp_path):
     report = run_cli(*shlex.split(nxt[len("next: python "):]))   # the printed command works as printed
     assert report.returncode == 0, report.stdout + report.stderr
     assert "masked" in report.stdout and (tmp_path / "reports" / "mcm_recon_range").is_dir()
+
+
+# ------------------------------------------------------------------------------------------- issue 19, item 6
+@pytest.mark.parametrize("args, key, words", [
+    (["data.hflip=maybe"], "data.hflip", ["true or false"]),                   # Hydra reads it as the string 'maybe'
+    (["evaluate.floor=1"], "evaluate.floor", ["true or false"]),
+    (["pretrain.precision=fp16"], "pretrain.precision", ["CUDA", "bf16 or fp32"]),
+    (["pretrain.max_steps=3", "pretrain.max_steps=5"], "pretrain.max_steps", ["twice", "max_steps=3"]),
+    (["cluster=local", "cluster=slurm"], "cluster", ["twice", "cluster=local"]),
+    (["sweep.grid={}"], "sweep.grid", ["empty grid"]),
+    (["model.embed_dim=100000"], "model.embed_dim", ["memory", "GiB"]),       # not a disk-space error on output_root
+    (["cluster=slurm", "cluster.python=/nonexistent/bin/python"], "cluster.python", ["not an executable"]),
+    (["cluster=slurm", "cluster.python=no-such-python3"], "cluster.python", ["not on PATH"]),
+])
+def test_the_last_bad_inputs_are_refused_naming_their_key(tmp_path, args, key, words):
+    out = tmp_path / "out"
+    res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", *args, f"output_root={out}")
+    _refused(res, key, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("sweep, key", [("maskalign_topk", "method.top_k"),
+                                        ("semanticmim_proxy_count", "method.num_proxies")])
+def test_an_override_of_a_key_only_the_sweeps_points_have_names_the_sweep(tmp_path, sweep, key):
+    """The default method has no `method.top_k`: Hydra's "no such key" would suggest method.target."""
+    res = run_cli("sweeps/run.py", f"sweep={sweep}", f"{key}=0", f"output_root={tmp_path / 'o'}")
+    _refused(res, key, f"the points of sweep {sweep} set this key", "sweep.points")
+    assert "Did you mean" not in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_key_of_the_sweeps_own_method_is_given_with_double_plus(tmp_path, compose):
+    """A key that only the sweep's fixed choice (method=maskalign) has: the error says how to give it, and
+    that way works and reaches every point."""
+    from sweeps.plan import plan
+    res = run_cli("sweeps/run.py", "sweep=maskalign_topk", "method.adaptor=mlp", f"output_root={tmp_path / 'o'}")
+    _refused(res, "method.adaptor", "++method.adaptor=mlp")
+    args = ["sweep=maskalign_topk", "++method.adaptor=mlp", "preset=smoke", f"output_root={tmp_path / 'o'}"]
+    _, planned = plan(compose(*args), args)
+    assert len(planned) == 6 and {pl.cfg.method.adaptor for pl in planned} == {"mlp"}
+
+
+def test_a_sweep_file_with_an_empty_grid_is_refused_in_one_line(tmp_path):
+    """A new sweep file (sweeps/conf/sweep/) whose grid is `{}`: one line naming sweep.grid, no traceback.
+    The file goes into a copy of the code (cluster/snapshot.py), not into the tree other tests read."""
+    from cluster import snapshot
+    code = snapshot.write(snapshot.plan(tmp_path / "code"))
+    spec = code / "sweeps" / "conf" / "sweep" / "new_sweep.yaml"
+    spec.write_text("name: new_sweep\ngrid: {}\nseeds: [0]\n")
+    res = run_cli("sweeps/run.py", "sweep=new_sweep", "preset=smoke", f"output_root={tmp_path / 'o'}", cwd=code)
+    spec.write_text("name: new_sweep\ngrid: {method.mask_ratio: []}\nseeds: [0]\n")
+    empty_values = run_cli("sweeps/run.py", "sweep=new_sweep", "preset=smoke", f"output_root={tmp_path / 'o'}",
+                           cwd=code)
+    _refused(res, "sweep.grid", "sweep new_sweep needs a grid of at least one key")
+    _refused(empty_values, "sweep.grid.method.mask_ratio", "non-empty list")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_root_on_a_virtual_filesystem_is_named_as_such(tmp_path):
+    res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", "output_root=/proc/mimsweep-out")
+    _refused(res, "output_root", "virtual filesystem")
+    assert "0 B free" not in res.stderr

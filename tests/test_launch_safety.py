@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, queued_jobs, run_cli
+from tests.conftest import TINY, queued_jobs, replacing, run_cli
 
 # reuse=experiment: the session's MLflow server is shared by many tests, and a launch would otherwise evaluate
 # another test's finished pre-training of the same config instead of training its own (core/tracking/identity.py).
@@ -124,7 +124,7 @@ def test_cluster_group_is_checked_before_anything_is_created(compose, tmp_path, 
     from core.config import ConfigError
     extra = ["cluster.separate_eval=true"] if key.startswith("cluster.eval") else []
     with pytest.raises(ConfigError) as err:
-        _launch_in_process(compose, [*TINY, *SMALL, *extra, override, f"output_root={tmp_path / 'out'}"])
+        _launch_in_process(compose, [*TINY, *replacing(SMALL, *extra, override), f"output_root={tmp_path / 'out'}"])
     assert str(err.value).startswith(f"{key}="), str(err.value)
     assert not (tmp_path / "out").exists()                        # no store, no run, no folder
 
@@ -132,8 +132,8 @@ def test_cluster_group_is_checked_before_anything_is_created(compose, tmp_path, 
 def test_test_only_runs_before_any_run_exists(slurm_cluster, compose, tmp_path):
     from core.config import ConfigError
     with pytest.raises(ConfigError, match="the scheduler rejects this resource request") as err:
-        _launch_in_process(compose, [*TINY, *SMALL, "cluster.mem_gb=100000", f"output_root={tmp_path / 'out'}"])
-    assert "cluster.mem_gb" in str(err.value)
+        _launch_in_process(compose, [*TINY, *SMALL, "cluster.constraint=nosuchfeature", f"output_root={tmp_path / 'out'}"])
+    assert "Invalid feature specification" in str(err.value)
     assert not (tmp_path / "out").exists() and not queued_jobs(tmp_path)
 
 

@@ -96,6 +96,8 @@ def test_an_installed_entry_point_method_is_found_listed_and_trained(plugin, tmp
     env = {"PYTHONPATH": f"{plugin}:{REPO}"}
     help_ = run_cli("-c", "from core import methods; print(methods.names())", env=env)
     assert "'toy'" in help_.stdout, help_.stderr
+    helped = run_cli("sweeps/run.py", "--help", env=env)                    # --help lists it in its group
+    assert "toy" in next(ln for ln in helped.stdout.splitlines() if ln.startswith("method: ")).split(", ")
     bad = run_cli("sweeps/run.py", "method=toy", "method.loss_scale=-1", *TINY, f"output_root={tmp_path}", env=env)
     assert bad.returncode == 2 and "method.loss_scale=-1" in bad.stderr       # its own check runs before anything
     res = run_cli("sweeps/run.py", "method=toy", *TINY, f"output_root={tmp_path}", "tracking.experiment=plugin",

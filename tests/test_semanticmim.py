@@ -100,6 +100,7 @@ def test_proxies_export_to_timm_as_register_tokens(tmp_path):
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         assert torch.allclose(net.forward_features(x), enc(x), atol=1e-5)
+        assert torch.allclose(net(x), enc.features(x, pool="mean"), atol=1e-5)   # the proxies stay out of the pool
 
 
 def test_paper_cost_model_claims_and_what_the_counter_measures():

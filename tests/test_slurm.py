@@ -5,13 +5,14 @@ a failing point is the only one resubmitted; a job signalled mid-training checkp
 ends with exactly the metrics of an uninterrupted job; bad requests are refused before submission.
 """
 import re
+import shlex
 import subprocess
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import FAILING_POINTS, TINY, queued_jobs, run_cli
+from tests.conftest import FAILING_POINTS, TINY, queued_jobs, replacing, run_cli
 
 pytestmark = pytest.mark.slurm
 # 2 cores here: one CPU and a little memory per task lets two tasks run side by side.
@@ -157,10 +158,12 @@ def test_separate_evaluation_array_is_chained_per_task(slurm_cluster, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("cluster.partition=nosuchpart", "cluster.partition='nosuchpart' is invalid"),
-    ("cluster.mem_gb=100000", "the scheduler rejects this resource request"),
+    ("cluster.mem_gb=100000", "cluster.mem_gb=100000 is invalid: is more memory than the largest node"),
+    ("cluster.cpus_per_task=4096", "cluster.cpus_per_task=4096 is invalid"),
+    ("cluster.gpus_per_task=64", "cluster.gpus_per_task=64 is invalid"),
 ])
 def test_impossible_requests_are_refused_before_submission(slurm_cluster, tmp_path, override, message):
-    res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", *SMALL, override,
+    res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", *replacing(SMALL, override),
                   f"output_root={tmp_path}")
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
@@ -203,9 +206,13 @@ def test_status_tail_and_cancel(slurm_cluster, mlflow_server, tmp_path):
     launched = run_cli("sweeps/run.py", *args)
     assert launched.returncode == 0, launched.stderr
     job = _queued_ids(launched.stdout)[0]
+    # the launch's hint works as printed: it carries the overrides that select the same grid
+    hint = launched.stdout.split("follow them with: ", 1)[1].split("  (MLflow", 1)[0]
+    assert hint.startswith("python cluster/status.py ")
+    printed = shlex.split(hint)[1:]
     deadline = time.time() + 300
     while time.time() < deadline:
-        status = run_cli("cluster/status.py", *args)
+        status = run_cli(*printed)
         if "RUNNING" in status.stdout and "%" in status.stdout.split("progress", 1)[1]:
             break
         time.sleep(2)
@@ -319,3 +326,26 @@ def test_an_evaluation_change_submits_only_evaluation_arrays_chained_after_runni
     assert all(r.data.tags["mimsweep.slurm_job_evaluate"].startswith(ev + "_") for r in new)
     assert all(c.get_metric_history(r.info.run_id, "train_loss") == [] for r in new)
     assert sum("mimsweep.checkpoint" in r.data.tags for r in runs) == 2   # pre-trained twice in all: 0 more
+
+
+def test_a_controller_that_does_not_answer_is_named_as_such(slurm_cluster, tmp_path):
+    """SLURM_CONF pointing at a port where no controller listens: the error says to start the controller,
+    not to change a resource request, and comes at once (sinfo alone retries for ~10 s)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    path = re.search(r"SLURM_CONF\s*=\s*(\S+)", conf).group(1)
+    text = open(path).read() + f"\nSlurmctldPort={port}\n"
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(text)
+    t0 = time.perf_counter()
+    res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", *SMALL, f"output_root={tmp_path / 'o'}",
+                  env={"SLURM_CONF": str(dead)})
+    took = time.perf_counter() - t0
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.startswith("error: cluster='slurm' is invalid: the SLURM controller does not answer"), res.stderr
+    assert "bash cluster/local_slurm.sh up" in res.stderr and "gpus_per_task" not in res.stderr
+    assert not (tmp_path / "o").exists()
+    print(f"dead controller: refused in {took:.1f} s")

@@ -181,14 +181,17 @@ def test_the_encoder_exports_to_a_timm_vit_that_gives_the_same_features(tmp_path
     enc = ViTEncoder(28, 4, 1, 64, 3, 4)
     path = tmp_path / "encoder.pth"
     torch.save(enc.timm_state_dict(), path)
-    net = timm.create_model("vit_base_patch16_224", pretrained=False, checkpoint_path=str(path), **enc.timm_kwargs())
-    net.eval()
     enc.eval()
     x = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        tokens = net.forward_features(x)
-        assert torch.allclose(net(x), enc.features(x, pool="cls"), atol=1e-5)
-        assert torch.allclose(tokens[:, 1:].mean(1), enc.features(x, pool="mean"), atol=1e-5)
+    for pool in ("mean", "cls"):  # the exported model's pooled output is the evaluation's feature (evaluate.pool)
+        net = timm.create_model("vit_base_patch16_224", pretrained=False, checkpoint_path=str(path),
+                                **enc.timm_kwargs(pool)).eval()
+        with torch.no_grad():
+            tokens = net.forward_features(x)
+            assert torch.allclose(net(x), enc.features(x, pool=pool), atol=1e-5), pool
+            other = "cls" if pool == "mean" else "mean"
+            assert not torch.allclose(net(x), enc.features(x, pool=other), atol=1e-3), pool
+            assert torch.allclose(tokens[:, 1:].mean(1), enc.features(x, pool="mean"), atol=1e-5)
     assert math.isclose(float((tokens - tokens).abs().sum()), 0.0)
 
 

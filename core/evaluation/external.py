@@ -77,7 +77,7 @@ def run(encoder, cfg, workdir, run_id: str | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "encoder_timm.pth"
     torch.save(encoder.timm_state_dict(), ckpt)
-    (out / "timm_kwargs.json").write_text(json.dumps({"model_name": "vit_base_patch16_224", **encoder.timm_kwargs()}))
+    (out / "timm_kwargs.json").write_text(json.dumps({"model_name": "vit_base_patch16_224", **encoder.timm_kwargs(cfg.evaluate.pool)}))
     values = {"checkpoint": str(ckpt), "output_dir": str(out), "run_id": run_id or ""}
     metrics_file = Path(substitute(x.metrics_file, values))
     metrics_file.unlink(missing_ok=True)  # a stale file from an earlier attempt must not count

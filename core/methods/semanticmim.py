@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
 
 from core.config import check, check_in, check_number
 from core.targets.hog import hog_patch_targets
@@ -47,6 +46,7 @@ class CrossBlock(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        from timm.layers import DropPath, Mlp  # here: importing timm costs ~1 s, a launch imports this module
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

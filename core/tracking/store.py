@@ -96,31 +96,75 @@ def open_store(uri: str, create: bool):
         c = client(uri)
         c.search_experiments(max_results=1)
         return c
-    if not create and not db.is_file():
-        return None
-    from filelock import FileLock
-    if create:
+    if not db.is_file():
+        if not create:
+            return None
+        from filelock import FileLock, Timeout
         db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(db) + ".lock", timeout=600):
-        if not db.is_file():
-            _create_sqlite(db)
-        c = client(uri)
-        c.search_experiments(max_results=1)  # creates / migrates the schema, once, under the lock
+        lock = FileLock(str(db) + ".lock")
+        try:  # held only while the store is made: a launch waits its turn as long as that takes, never gives up
+            lock.acquire(timeout=10)
+        except Timeout:
+            print(f"waiting for another launch that is creating the tracking store {db} ...", flush=True)
+            lock.acquire()
+        try:
+            if not db.is_file():
+                _create_sqlite(db)
+        finally:
+            lock.release()
+    c = client(uri)  # an existing store (made whole by one rename) needs no lock to be read and written
+    c.search_experiments(max_results=1)
     return c
 
 
 def _create_sqlite(db: Path) -> None:
-    """The schema in `.NAME.PID.tmp`, then one rename (under the caller's lock; stale temps are removed)."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    """The schema in `.NAME.PID.tmp`, then one rename (under the caller's lock; stale temps are removed).
+    The schema is a copy of an empty store this machine made once for this MLflow version (schema_template):
+    MLflow's own creation runs ~100 schema migrations, 2-14 s, at every new output_root."""
+    import shutil
+    import sqlite3
 
     from core import faults
     for stale in db.parent.glob(f".{db.name}.*.tmp*"):
         stale.unlink(missing_ok=True)
     tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-    store = SqlAlchemyStore(f"sqlite:///{tmp}", (db.parent / "mlartifacts").as_uri())
-    store.engine.dispose()
+    artifacts = (db.parent / "mlartifacts").as_uri()
+    template = schema_template()
+    if template is None:
+        _new_sqlite(tmp, artifacts)
+    else:  # the one row that holds a path or a time: MLflow's Default experiment, as MLflow would make it here
+        shutil.copyfile(template, tmp)
+        now = int(time.time() * 1000)
+        with sqlite3.connect(tmp) as con:
+            con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                        "WHERE experiment_id = 0", (f"{artifacts}/0", now, now))
+        con.close()
     faults.point("store.created")
     os.replace(tmp, db)
+
+
+def _new_sqlite(path: Path, artifacts: str) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    store = SqlAlchemyStore(f"sqlite:///{path}", artifacts)
+    store.engine.dispose()
+
+
+def schema_template() -> Path | None:
+    """An empty store made by MLflow itself, once per MLflow version, in $XDG_CACHE_HOME/mimsweep (~/.cache);
+    None where that folder cannot be written (then every store is made by MLflow)."""
+    import mlflow
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mimsweep"
+    path = folder / f"mlflow-{mlflow.__version__}-empty.db"
+    if path.is_file():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        _new_sqlite(tmp, (folder / "mlartifacts").as_uri())
+        os.replace(tmp, path)  # made whole, then renamed: a concurrent launch sees all of it or none
+        return path
+    except OSError:
+        return None
 
 
 def find_experiment(c, name: str) -> str | None:
