@@ -68,10 +68,12 @@ def _posterize(img, bits: int, **_):
 class TrainView(Dataset):
     """Fine-tuning view of a split: crop, flip, RandAugment -> float image in [0, 1], label."""
 
-    def __init__(self, base, input_size: int, crop_scale, rand_augment: str | None, mean):
-        from torchvision.transforms import v2
+    def __init__(self, base, input_size: int, crop_scale, rand_augment: str | None, mean,
+                 interpolation: str = "bilinear"):
+        from torchvision.transforms import InterpolationMode, v2
         self.base = base
-        ops = [v2.RandomResizedCrop(input_size, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+        ops = [v2.RandomResizedCrop(input_size, scale=tuple(crop_scale), antialias=True,
+                                    interpolation=InterpolationMode(interpolation)), v2.RandomHorizontalFlip()]
         if rand_augment:
             from timm.data.auto_augment import rand_augment_transform
             fill = tuple(int(round(255 * m)) for m in mean)
@@ -118,7 +120,8 @@ def run(encoder, cfg, train_split, test_split, device) -> dict:
     opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
     random.seed(cfg.seed)  # RandAugment draws from Python's and NumPy's generators
     np.random.seed(cfg.seed)
-    view = TrainView(train_split.dataset, cfg.model.input_size, f.crop_scale, f.rand_augment, cfg.data.mean)
+    view = TrainView(train_split.dataset, cfg.model.input_size, f.crop_scale, f.rand_augment, cfg.data.mean,
+                     cfg.data.get("interpolation", "bilinear"))
     batch = min(f.batch_size, len(view)) // 2 * 2  # Mixup needs an even batch
     loader = DataLoader(view, batch_size=batch, shuffle=True, drop_last=True, num_workers=data_lib.loader_workers(cfg.data),
                         generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
