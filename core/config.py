@@ -37,6 +37,7 @@ def _plugin_config_dirs() -> list[str]:
 SEARCHPATH = f"hydra.searchpath=[{','.join([f'file://{REPO}'] + _plugin_config_dirs())}]"
 
 RUN_ONLY = (
+    "recipe",  # the name and sources of a preset's recipe: its values are the config's own keys
     "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "reuse", "device", "report_dir",
     "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.compile", "data.num_workers", "data.root", "evaluate.batch_size",
 )

@@ -168,6 +168,9 @@ def describe(planned: list) -> str:
     if any(methods.uses_teacher(pl.cfg) for pl in planned):
         parts.append(f"teacher {value('teacher.model')} ({value('teacher.pretrained')})")
     parts.append(f"target {value('method.target')}")
+    recipes = sorted({str(r) for pl in planned if (r := OmegaConf.select(pl.cfg, "recipe.name"))})
+    parts.append("recipe: " + ("; ".join(recipes) + " (sweeps/conf/recipe/)" if recipes
+                               else "none (a paper's recipe runs with preset=paper)"))
     if value("task") == "flops":
         del parts[2:4]  # no data is read and nothing is trained
         parts.append("FLOPs per image of the transformer blocks, counted by torch's FlopCounterMode, beside "
