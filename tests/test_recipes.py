@@ -118,3 +118,52 @@ def test_report_caption_names_the_recipe(compose):
     caption = describe([Planned(compose("preset=paper", "method=maskalign"))])
     assert "recipe: MaskAlign (Xue et al. 2023), official code" in caption
     assert "recipe: none" in describe([Planned(compose())])
+
+
+# ---- the options the recipes set (off in the embedded defaults)
+
+@pytest.mark.parametrize("override", ["data.interpolation=bicubic", "data.color_jitter=0.4"])
+def test_folder_only_options_are_refused_for_in_memory_data(compose, override):
+    from core.job import validate
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}=.* is invalid: must be .* for data.source=embedded"):
+        validate(compose(override))
+
+
+def test_the_evaluation_view_resizes_to_eval_resize_then_crops_the_centre():
+    import torch
+    from core.training.data import Plain
+    img = torch.zeros(1, 40, 40, dtype=torch.uint8)
+    img[:, :4], img[:, -4:], img[:, :, :4], img[:, :, -4:] = 255, 255, 255, 255    # a white frame 4 px wide
+    base = [(img, 0)]
+    whole, _ = Plain(base, 32)[0]                 # the whole image shrunk: the frame stays at the edge
+    centre, _ = Plain(base, 32, resize=40, interpolation="bicubic")[0]   # 32 px of the middle of 40: no frame
+    assert whole.shape == centre.shape == (1, 32, 32)
+    assert whole[0, 0].min() > 0.9 and centre[0, 0].max() < 0.05 and centre[0, 16, 16] < 0.05
+
+
+def test_colour_jitter_comes_first_and_changes_colours_only_when_asked():
+    import torch
+    from core.training.data import Augmented
+    g = torch.Generator().manual_seed(0)
+    base = [(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=g), 0)]
+    plain = Augmented(base, 32, (1.0, 1.0), interpolation="bicubic")
+    jitter = Augmented(base, 32, (1.0, 1.0), interpolation="bicubic", color_jitter=0.4)
+    names = [type(t).__name__ for t in jitter.transform.transforms]
+    assert names == ["ColorJitter", "RandomHorizontalFlip", "RandomResizedCrop"]     # BEiT's order
+    assert [type(t).__name__ for t in plain.transform.transforms] == ["RandomResizedCrop", "RandomHorizontalFlip"]
+    assert not torch.equal(plain[(0, 1)][0], jitter[(0, 1)][0])
+
+
+def test_the_adamw_probe_without_batchnorm_learns_and_has_no_batchnorm():
+    import torch
+    from core.evaluation.linear_probe import HeadGrid, train_grid
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in HeadGrid({"v": 8}, [0.1], 3, norm="none").modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in HeadGrid({"v": 8}, [0.1], 3).modules())
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(3, 8, generator=g)
+    y = torch.randint(0, 3, (600,), generator=g)
+    f = centres[y] + torch.randn(600, 8, generator=g)
+    best = train_grid({"v": f[:400]}, y[:400], {"v": f[400:]}, y[400:], 3, [1e-2], epochs=10, batch_size=64,
+                      weight_decay=1e-4, optimizer="adamw", norm="none")
+    assert best["v"][0] > 90
