@@ -162,3 +162,10 @@ def test_images_that_do_not_tile_into_windows_raise():
 def test_cuda_matches_cpu():
     imgs = torch.rand(4, 3, 64, 64)
     torch.testing.assert_close(hog(imgs.cuda()).cpu(), hog(imgs), rtol=0, atol=ATOL)
+
+
+def test_the_default_window_is_maskfeats_16_px_and_bad_shapes_are_refused():
+    x = torch.rand(1, 1, 32, 32) * 255
+    assert torch.equal(hog(x), hog(x, window=16)) and not torch.equal(hog(x), hog(x, window=32))
+    with pytest.raises(ValueError, match=r"hog expects images \[B, C, H, W\], got shape \(32, 32\)\."):
+        hog(x[0, 0])

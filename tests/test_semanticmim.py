@@ -413,3 +413,34 @@ def test_weight_decay_sets_are_the_official_configs(compose, variant, decayed, n
     assert len(wd) == len(names)
     assert all(wd[n] == cfg.pretrain.weight_decay > 0 for n in decayed), {n: wd[n] for n in decayed}
     assert all(wd[n] == 0 for n in not_decayed), {n: wd[n] for n in not_decayed}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method.num_proxies=2.5"], "method.num_proxies=2.5 is invalid: must be an integer"),
+    (["method.pos_embed=bogus"], "method.pos_embed='bogus' is invalid: must be one of"),
+    (["method.no_weight_decay=[bogus]"], "method.no_weight_decay=.* is invalid: must be a list of mask_token, "),
+    (["method.target=tokens", "method.tokenizer.kind=bogus"], "method.tokenizer.kind='bogus' is invalid"),
+    (["method.hog_window=5"], "method.hog_window=5 is invalid: must divide model.input_size"),
+    (["method.target=tokens", "method.tokenizer.kind=dalle", "method.tokenizer.path=null"],
+     "method.tokenizer.path=None is invalid: must be a local copy of the DALL-E dVAE encoder"),
+])
+def test_bad_config_is_refused_naming_the_key(compose, overrides, message):
+    from core.config import ConfigError
+    from core.job import validate
+    with pytest.raises(ConfigError, match=message):
+        validate(compose("method=semanticmim", *overrides))
+
+
+@pytest.mark.parametrize("overrides", [["method.target=norm_pixel"], ["method.target=pixel"],
+                                       ["method.no_weight_decay=[]"], ["method.hog_window=null"],
+                                       ["method.target=tokens", "method.tokenizer.kind=kmeans"]])
+def test_the_documented_options_are_accepted(compose, overrides):
+    from core.job import validate
+    validate(compose("method=semanticmim", *overrides))
+
+
+def test_the_constructor_defaults_are_the_papers():
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(SemanticMIM).parameters.items()}
+    assert (defaults["target"], defaults["num_proxies"], defaults["mask_ratio"], defaults["hog_cell_size"]) == \
+        ("hog", 8, 0.6, 8)
