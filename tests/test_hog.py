@@ -169,3 +169,12 @@ def test_the_default_window_is_maskfeats_16_px_and_bad_shapes_are_refused():
     assert torch.equal(hog(x), hog(x, window=16)) and not torch.equal(hog(x), hog(x, window=32))
     with pytest.raises(ValueError, match=r"hog expects images \[B, C, H, W\], got shape \(32, 32\)\."):
         hog(x[0, 0])
+
+
+def test_one_cell_row_or_column_is_enough_and_images_without_a_whole_cell_or_window_are_refused():
+    assert hog(torch.rand(1, 1, 8, 16) * 255, window=0).shape[2:4] == (1, 2)
+    assert hog(torch.rand(1, 1, 16, 8) * 255, window=0).shape[2:4] == (2, 1)
+    with pytest.raises(ValueError, match="hog: images of 4x16 px hold no whole cell of cell_size=8 px."):
+        hog(torch.rand(1, 1, 4, 16), window=0)
+    with pytest.raises(ValueError, match="hog: images of 24x24 px do not tile into Gaussian windows of 16 px."):
+        hog(torch.rand(1, 1, 24, 24))

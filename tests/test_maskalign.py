@@ -406,3 +406,17 @@ def test_resumed_run_is_bit_identical(compose, tmp_path):
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert _metrics(ref_log) == _metrics(log_a)
+
+
+def test_the_papers_order_with_one_aligned_layer_builds_one_adaptor_per_student_block():
+    m = tiny_model(tiny_teacher(), top_k=1, align_order="adapt_then_mix")
+    assert len(m.adaptors) == 4 and all(a.out_features == 32 for a in m.adaptors)
+
+
+def test_the_constructor_defaults_are_the_official_codes():
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(MaskAlign).parameters.items() if k not in
+                ("encoder", "teacher_widths", "teacher_depth", "teacher_request")}
+    assert defaults == dict(top_k=5, mask_ratio=0.7, masking="attentive", alignment="dynamic",
+                            align_order="mix_then_adapt", adaptor_kind="linear", target_norm="layernorm",
+                            align_cls=True)
