@@ -444,3 +444,18 @@ def test_the_constructor_defaults_are_the_papers():
     defaults = {k: p.default for k, p in inspect.signature(SemanticMIM).parameters.items()}
     assert (defaults["target"], defaults["num_proxies"], defaults["mask_ratio"], defaults["hog_cell_size"]) == \
         ("hog", 8, 0.6, 8)
+
+
+def test_dalle_tokens_validate_exactly_when_the_dall_e_package_is_there(compose, tmp_path):
+    import importlib.util
+
+    from core.config import ConfigError
+    from core.job import validate
+    (tmp_path / "encoder.pkl").write_bytes(b"not read by validate")
+    cfg = compose("method=semanticmim", "method.target=tokens", "method.tokenizer.kind=dalle",
+                  f"method.tokenizer.path={tmp_path / 'encoder.pkl'}")
+    if importlib.util.find_spec("dall_e") is not None:
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError, match="needs the `dall_e` package"):
+            validate(cfg)
