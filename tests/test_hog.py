@@ -178,3 +178,5 @@ def test_one_cell_row_or_column_is_enough_and_images_without_a_whole_cell_or_win
         hog(torch.rand(1, 1, 4, 16), window=0)
     with pytest.raises(ValueError, match="hog: images of 24x24 px do not tile into Gaussian windows of 16 px."):
         hog(torch.rand(1, 1, 24, 24))
+    with pytest.raises(ValueError, match="hog_patch_targets: patch_size=12 is not a multiple of cell_size=8; "):
+        hog_patch_targets(torch.rand(1, 1, 24, 24), 12)

@@ -459,3 +459,16 @@ def test_dalle_tokens_validate_exactly_when_the_dall_e_package_is_there(compose,
     else:
         with pytest.raises(ConfigError, match="needs the `dall_e` package"):
             validate(cfg)
+
+
+@pytest.mark.parametrize("num_proxies", [0, 8])
+def test_cost_model_of_the_baseline_and_of_ours(compose, num_proxies):
+    cfg = compose("method=semanticmim", f"method.num_proxies={num_proxies}", "method.mask_ratio=0.6")
+    N, D, depth = (cfg.model.input_size // cfg.model.patch_size) ** 2, cfg.model.embed_dim, cfg.model.depth
+    keep = int(N * 0.4)
+    train, infer = SemanticMIM.cost_model(cfg)
+    assert isinstance(train, int) and isinstance(infer, int)
+    if num_proxies:    # ours: L0 visible, L1 proxies, L2 masked queries; inference over every patch + proxies
+        assert (train, infer) == (depth * block_cost(keep, 8, N - keep, D), depth * block_cost(N + 8, 0, 0, D))
+    else:              # the vanilla baseline: [CLS] + every patch, the same at inference
+        assert train == infer == depth * block_cost(1 + N, 0, 0, D)
