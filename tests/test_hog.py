@@ -167,16 +167,17 @@ def test_cuda_matches_cpu():
 def test_the_default_window_is_maskfeats_16_px_and_bad_shapes_are_refused():
     x = torch.rand(1, 1, 32, 32) * 255
     assert torch.equal(hog(x), hog(x, window=16)) and not torch.equal(hog(x), hog(x, window=32))
-    with pytest.raises(ValueError, match=r"hog expects images \[B, C, H, W\], got shape \(32, 32\)\."):
+    with pytest.raises(ValueError, match=r"^hog expects images \[B, C, H, W\], got shape \(32, 32\)\.$"):
         hog(x[0, 0])
 
 
 def test_one_cell_row_or_column_is_enough_and_images_without_a_whole_cell_or_window_are_refused():
     assert hog(torch.rand(1, 1, 8, 16) * 255, window=0).shape[2:4] == (1, 2)
     assert hog(torch.rand(1, 1, 16, 8) * 255, window=0).shape[2:4] == (2, 1)
-    with pytest.raises(ValueError, match="hog: images of 4x16 px hold no whole cell of cell_size=8 px."):
+    with pytest.raises(ValueError, match="^hog: images of 4x16 px hold no whole cell of cell_size=8 px.$"):
         hog(torch.rand(1, 1, 4, 16), window=0)
-    with pytest.raises(ValueError, match="hog: images of 24x24 px do not tile into Gaussian windows of 16 px."):
+    with pytest.raises(ValueError, match="^hog: images of 24x24 px do not tile into Gaussian windows of 16 px.$"):
         hog(torch.rand(1, 1, 24, 24))
-    with pytest.raises(ValueError, match="hog_patch_targets: patch_size=12 is not a multiple of cell_size=8; "):
+    with pytest.raises(ValueError, match=r"^hog_patch_targets: patch_size=12 is not a multiple of cell_size=8; "
+                                         r"each patch must hold whole HOG cells .*\.$"):
         hog_patch_targets(torch.rand(1, 1, 24, 24), 12)
