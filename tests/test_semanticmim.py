@@ -472,3 +472,11 @@ def test_cost_model_of_the_baseline_and_of_ours(compose, num_proxies):
         assert (train, infer) == (depth * block_cost(keep, 8, N - keep, D), depth * block_cost(N + 8, 0, 0, D))
     else:              # the vanilla baseline: [CLS] + every patch, the same at inference
         assert train == infer == depth * block_cost(1 + N, 0, 0, D)
+
+
+def test_artifacts_draw_each_proxys_attention_as_a_png():
+    m = model(num_proxies=4)
+    x = torch.randn(2, 1, 16, 16)
+    files = m.artifacts(x, x)
+    assert files["proxy_attention.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert "proxy_attention.png" not in model(num_proxies=0).artifacts(x, x)
