@@ -420,3 +420,17 @@ def test_the_constructor_defaults_are_the_official_codes():
     assert defaults == dict(top_k=5, mask_ratio=0.7, masking="attentive", alignment="dynamic",
                             align_order="mix_then_adapt", adaptor_kind="linear", target_norm="layernorm",
                             align_cls=True)
+
+
+def test_a_teacher_without_cls_is_refused_naming_what_needs_it(compose):
+    torch.manual_seed(0)
+    no_cls = TimmTeacher("vit_tiny_patch16_224", "random", input_size=IMG, dtype="float32",
+                         model_kwargs=dict(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=4, num_heads=2,
+                                           class_token=False, global_pool="avg"))
+    cfg = compose(*TINY, "method=maskalign", "teacher=timm", "teacher.pretrained=random", "method.top_k=3")
+    with pytest.raises(ConfigError, match=r"has no \[CLS\] token or attention, which MaskAlign needs here: "
+                                          r"\[CLS\] \(method.align_cls\), attention \(method.masking=attentive\)") as e:
+        MaskAlign.build(cfg, no_cls)
+    assert e.value.key == "teacher.model"
+    cfg.method.align_cls, cfg.method.masking = False, "random"     # nothing needs [CLS]: it builds
+    assert isinstance(MaskAlign.build(cfg, no_cls), MaskAlign)
