@@ -63,6 +63,7 @@ def config_groups_text() -> str:
 OmegaConf.register_new_resolver("mimsweep_groups", config_groups_text, replace=True)
 
 RUN_ONLY = (
+    "recipe",  # the name and sources of a preset's recipe: its values are the config's own keys
     "cluster", "tracking", "sweep", "output_root", "dry_run", "retry_failed", "reuse", "device", "report_dir", "estimate",
     "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.compile", "data.num_workers", "data.root", "evaluate.batch_size",
 )
@@ -77,9 +78,16 @@ class ConfigError(ValueError):
         super().__init__(msg + (f" {hint}" if hint else ""))
 
 
+# Keys a check reads though no config file sets them: absent means their documented default. They were
+# added this way so that no existing point's signature changed (a signature hashes every key).
+OPTIONAL_KEYS = ("pretrain.epochs_scale",)   # sweeps/conf/pretrain/default.yaml says what it does
+
+
 def unknown_key(key: str, value, known) -> ConfigError:
     """The error for a key no config has, with a did-you-mean from the real keys."""
     import difflib
+    if key in OPTIONAL_KEYS:
+        return ConfigError(key, value, "is optional and absent by default", f"Add it with +{key}={value}.")
     close = difflib.get_close_matches(key, list(known), n=1)
     return ConfigError(key, value, "no config has this key, so nothing would read it",
                        f"Did you mean {close[0]}?" if close else "`python sweeps/run.py --cfg job` lists the keys.")
@@ -232,6 +240,7 @@ def check_pretrain(cfg) -> None:
     check_number(cfg, "pretrain.weight_decay", 0)
     check_pair(cfg, "pretrain.betas", lambda b1, b2: 0 <= b1 < 1 and 0 <= b2 < 1, "must be [beta1, beta2] in [0, 1)")
     check_number(cfg, "pretrain.warmup_epochs", 0)
+    check_number(cfg, "pretrain.epochs_scale", 0, lo_open=True, optional=True)
     check(p.warmup_epochs <= p.epochs, "pretrain.warmup_epochs", p.warmup_epochs,
           f"must not exceed pretrain.epochs={p.epochs}")
     check_in(cfg, "pretrain.precision", ("fp32", "bf16", "fp16"))

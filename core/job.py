@@ -31,6 +31,9 @@ def validate(cfg) -> None:
     from core.training import data
 
     config.check_model(cfg)
+    recipe = cfg.get("recipe")
+    config.check(recipe is None or recipe.get("name") is not None, "method.name", cfg.method.name,
+                 "has no recipe for preset=paper", "Add sweeps/conf/recipe/paper_<method config>.yaml (docs/methods.md).")
     method = methods.get(cfg.method.name)
     method.check(cfg)
     data.check_config(cfg)

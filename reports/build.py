@@ -153,7 +153,7 @@ def describe(planned: list) -> str:
         return vals.pop() if len(vals) == 1 else VARIES
 
     n_train, n_test = value("data.train_limit"), value("data.test_limit")
-    steps = value("pretrain.max_steps")
+    steps, scale = value("pretrain.max_steps"), value("pretrain.epochs_scale")
     parts = [
         f"{value('model.name')} (depth {value('model.depth')}, width {value('model.embed_dim')}, "
         f"patch {value('model.patch_size')}, {value('model.input_size')} px)",
@@ -161,6 +161,7 @@ def describe(planned: list) -> str:
         f"{value('data.name')} ({'all' if n_train == 'None' else n_train} train / "
         f"{'all' if n_test == 'None' else n_test} test images)",
         ("epochs swept" if value("pretrain.epochs") == VARIES else f"{value('pretrain.epochs')} epoch(s)")
+        + {"None": "", VARIES: " x a per-point pretrain.epochs_scale"}.get(scale, f" x {scale}")
         + ("" if steps == "None" else f", at most {steps} steps")
         + f", batch {value('pretrain.batch_size')}",
     ]
@@ -168,6 +169,9 @@ def describe(planned: list) -> str:
     if any(methods.uses_teacher(pl.cfg) for pl in planned):
         parts.append(f"teacher {value('teacher.model')} ({value('teacher.pretrained')})")
     parts.append(f"target {value('method.target')}")
+    recipes = sorted({str(r) for pl in planned if (r := OmegaConf.select(pl.cfg, "recipe.name"))})
+    parts.append("recipe: " + ("; ".join(recipes) + " (sweeps/conf/recipe/)" if recipes
+                               else "none (a paper's recipe runs with preset=paper)"))
     if value("task") == "flops":
         del parts[2:4]  # no data is read and nothing is trained
         parts.append("FLOPs per image of the transformer blocks, counted by torch's FlopCounterMode, beside "

@@ -53,13 +53,14 @@ def floor_of(encoder):
 
 
 def test_one_pass_features_equal_the_encoders_own(compose):
-    from core.evaluation.common import pooled, tokens_at
+    from core.evaluation.common import tokens_at
     enc = floor_of(trained_encoder())
     x = torch.randn(3, 1, 28, 28)
-    toks = tokens_at(enc, x, [1, 5, -1])
+    toks = tokens_at(enc, x, [1, 5, -1], raw=True)
     for layer in (1, 5, -1):
         for pool in ("mean", "cls"):
-            assert torch.allclose(pooled(toks[layer % 8], pool, 1), enc.features(x, pool, layer), atol=1e-6)
+            assert torch.allclose(enc.pool(toks[layer % 8], pool, last=layer == -1), enc.features(x, pool, layer),
+                                  atol=1e-6)
 
 
 def test_linear_grid_learns_every_layer_and_pooling(compose, splits):

@@ -187,7 +187,9 @@ def test_open_clip_teacher_at_another_input_size_resizes_its_token_grid():
     assert out.patch.shape == (2, 25, t.width) and out.cls_attention.shape == (2, 25)
 
 
-def test_a_bf16_clip_teacher_agrees_with_fp32():
+def test_a_bf16_clip_teacher_agrees_with_fp32(monkeypatch):
+    from core.targets import teachers
+    monkeypatch.setattr(teachers, "native_bf16", lambda device: True)   # compare real bf16 on any CPU
     torch.manual_seed(0)
     imgs = torch.rand(2, 3, 224, 224)
     req = TeacherRequest(patch=True, layers=(-2, -1), cls_attention=True)
@@ -198,3 +200,114 @@ def test_a_bf16_clip_teacher_agrees_with_fp32():
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(half.patch, full.patch) < 0.03 and rel(half.layers[-1], full.layers[-1]) < 0.03
     assert rel(half.cls_attention, full.cls_attention) < 0.05
+
+
+# ---- the activation a CLIP teacher runs is the one its weights were trained with (QuickGELU for OpenAI's)
+
+def _hub_cache_with_random_weights(tmp_path, monkeypatch, model: str, tag: str):
+    """A Hugging Face cache holding, where open_clip looks for `model`/`tag`, random weights of the model's
+    shapes, and the hub set offline: `open_clip.create_model(model, pretrained=tag)` then runs its real
+    loading path (tag -> pretrained config -> hub file -> state dict) with no network. -> those weights."""
+    import os
+
+    import huggingface_hub.constants as hub
+    import open_clip
+    from safetensors.torch import save_file
+    repo = open_clip.get_pretrained_cfg(model, tag)["hf_hub"].rstrip("/")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in open_clip.create_model(model, device="meta").state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    # float32, as the hub's files of these tags are (open_clip resizes a float32 position table on CPU only)
+    weights = {k: torch.rand(s, generator=g) * 0.04 - 0.02 for k, s in shapes.items()}
+    snap = tmp_path / f"models--{repo.replace('/', '--')}"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("c0ffee")
+    (snap / "snapshots" / "c0ffee").mkdir(parents=True)
+    save_file(weights, os.fspath(snap / "snapshots" / "c0ffee" / "open_clip_model.safetensors"))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    import functools
+
+    from core.targets import teachers
+    # a fresh cache of the launch check for this test (an earlier test may have found the tag missing, and
+    # later ones must not find it present)
+    monkeypatch.setattr(teachers, "_pretrained_unavailable_cached",
+                        functools.lru_cache(maxsize=16)(teachers.pretrained_unavailable))
+    return weights
+
+
+@pytest.mark.parametrize("config", ["clip_vit_b16", "clip_vit_l14"])
+def test_clip_teacher_configs_run_quick_gelu_with_openai_weights(compose, tmp_path, monkeypatch, config):
+    """Each shipped CLIP teacher config, loaded through open_clip's real tag path (random weights in the
+    offline hub cache): it validates, builds QuickGELU, and holds the cached weights."""
+    from core.job import validate
+    from core.targets.teachers import build_teacher
+    cfg = compose(f"teacher={config}", "method=mcm")
+    assert cfg.teacher.pretrained == "openai" and cfg.teacher.quick_gelu == "auto"
+    weights = _hub_cache_with_random_weights(tmp_path, monkeypatch, cfg.teacher.model, "openai")
+    validate(cfg)                                   # the weights are in the cache, so the launch check passes
+    t = build_teacher(cfg.teacher)
+    assert OpenClipTeacher.activation(t.visual) == "QuickGELU"
+    assert torch.equal(t.visual.conv1.weight, weights["visual.conv1.weight"])
+    if config == "clip_vit_b16":   # and the MLP computes x * sigmoid(1.702 x), numerically
+        blk = t.visual.transformer.resblocks[0]
+        y = torch.randn(2, 5, t.width)
+        h = blk.mlp.c_fc(y)
+        assert torch.allclose(blk.mlp(y), blk.mlp.c_proj(h * torch.sigmoid(1.702 * h)), atol=1e-6)
+        assert not torch.allclose(blk.mlp(y), blk.mlp.c_proj(torch.nn.functional.gelu(h)), atol=1e-4)
+
+
+def test_clip_activation_follows_the_tag_and_refuses_a_disagreeing_config():
+    from core.config import ConfigError
+    from core.targets.teachers import clip_activation
+    assert clip_activation("ViT-B-16", "openai") is True                    # OpenAI's: QuickGELU
+    assert clip_activation("ViT-B-16", "laion2b_s34b_b88k") is False        # LAION's: GELU
+    assert clip_activation("ViT-L-14", "openai", True) is True
+    assert clip_activation("ViT-B-16", "random") is False                   # no record: the config's own
+    assert clip_activation("ViT-B-16-quickgelu", "random") is True
+    with pytest.raises(ConfigError, match=r"teacher.quick_gelu=False is invalid: disagrees with the weights"):
+        clip_activation("ViT-B-16", "openai", False)
+    with pytest.raises(ConfigError, match="teacher.quick_gelu=True is invalid"):
+        clip_activation("ViT-B-16", "laion2b_s34b_b88k", True)
+    with pytest.raises(ConfigError, match="teacher.model='ViT-B-16-quickgelu' is invalid: builds QuickGELU"):
+        clip_activation("ViT-B-16-quickgelu", "random", False)
+
+
+def test_teacher_configs_that_disagree_with_their_weights_fail_validation(compose):
+    from core.config import ConfigError
+    from core.job import validate
+    with pytest.raises(ConfigError, match="teacher.quick_gelu"):
+        validate(compose("teacher=clip_vit_b16", "teacher.quick_gelu=false", "method=mcm"))
+    with pytest.raises(ConfigError, match="teacher.model='vit_base_patch16_clip_224' is invalid: builds GELU"):
+        validate(compose("teacher=timm", "teacher.model=vit_base_patch16_clip_224", "teacher.pretrained=openai",
+                         "method=mcm"))
+
+
+def test_a_built_teacher_whose_activation_is_not_its_weights_is_refused(monkeypatch):
+    """The check on the built network: if open_clip built GELU where the weights need QuickGELU (as it does
+    for ViT-B-16 + openai without force_quick_gelu), the teacher is not used."""
+    import open_clip
+    real = open_clip.create_model
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, force_quick_gelu=False, **k: real(*a, **k))
+    with pytest.raises(RuntimeError, match="built with GELU, but its weights need QuickGELU"):
+        OpenClipTeacher("ViT-S-32", "random", quick_gelu=True)
+    monkeypatch.setattr(open_clip, "create_model", real)
+    assert OpenClipTeacher.activation(OpenClipTeacher("ViT-S-32", "random", quick_gelu=True).visual) == "QuickGELU"
+
+
+# ---- bf16 only where the device computes it natively
+
+def test_bf16_teacher_runs_float32_where_bf16_is_not_native(monkeypatch, capsys):
+    from core.targets import teachers
+    torch.manual_seed(0)
+    imgs = torch.rand(2, 3, 64, 64)
+    t = OpenClipTeacher("ViT-S-32", "random", input_size=64)
+    full = t(imgs, grid=2, request=TeacherRequest(patch=True))
+    t.dtype = torch.bfloat16
+    monkeypatch.setattr(teachers, "_SAID", set())
+    monkeypatch.setattr(teachers, "native_bf16", lambda device: False)     # a CPU without AVX512-BF16 / AMX
+    for _ in range(2):
+        assert torch.equal(t(imgs, grid=2, request=TeacherRequest(patch=True)).patch, full.patch)
+    assert capsys.readouterr().out.count("teacher: dtype bfloat16 runs as float32 on this cpu") == 1
+    monkeypatch.setattr(teachers, "native_bf16", lambda device: True)
+    assert not torch.equal(t(imgs, grid=2, request=TeacherRequest(patch=True)).patch, full.patch)

@@ -44,6 +44,19 @@ def test_tokens(kmeans_tok):
 # ------------------------------------------------------------------------------------------------- kmeans
 
 
+def test_edge_features_are_scikit_images_hog_per_channel():
+    """The descriptor's edge group is skimage's HOG convention (the codebook was learnt with it), per channel."""
+    from skimage.feature import hog as skimage_hog
+
+    from core.targets.tokenizers import edge_histograms
+    x, _ = images("train", 8)
+    ours = edge_histograms(x, cell_size=4)                      # one cell per vit_micro patch
+    ref = np.stack([skimage_hog(x[i, 0].double().numpy(), orientations=9, pixels_per_cell=(4, 4),
+                                cells_per_block=(1, 1), block_norm="L2", feature_vector=False)[:, :, 0, 0, :]
+                    for i in range(8)])
+    np.testing.assert_allclose(ours[:, 0].numpy(), ref, rtol=0, atol=1e-6)
+
+
 def test_kmeans_ids_on_the_student_grid(kmeans_tok, test_tokens):
     assert kmeans_tok.vocab_size == 256
     assert test_tokens.shape == (2000, 49) and test_tokens.dtype == torch.long

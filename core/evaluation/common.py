@@ -23,10 +23,11 @@ def say(protocol: str, results: dict, t0: float) -> None:
 
 
 def arch_kwargs(encoder) -> dict:
-    """The constructor arguments of a ViTEncoder (core/vit.py) without drop path: its architecture."""
+    """The constructor arguments of a ViTEncoder (core/vit.py) without drop path: its architecture (and how
+    its features are read)."""
     return dict(img_size=encoder.img_size, patch_size=encoder.patch_size, in_chans=encoder.in_chans,
                 embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
-                mlp_ratio=encoder.mlp_ratio, extra_tokens=encoder.extra_tokens)
+                mlp_ratio=encoder.mlp_ratio, extra_tokens=encoder.extra_tokens, **encoder.arch)
 
 
 def block_name(layer: int, depth: int) -> str:
@@ -35,21 +36,17 @@ def block_name(layer: int, depth: int) -> str:
 
 
 @torch.no_grad()
-def tokens_at(encoder, x: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+def tokens_at(encoder, x: torch.Tensor, layers, raw: bool = False) -> dict[int, torch.Tensor]:
     """Tokens [B, L, D] after each listed block (0-based, mod depth) in one forward pass; the last block's
-    output goes through the final norm, as `encoder.features` does."""
+    output goes through the final norm (as a dense probe reads it) unless `raw` (for `encoder.pool`)."""
     want = {int(l) % encoder.depth for l in layers}
     x = encoder.add_cls(encoder.embed(x) + encoder.pos_embed[:, 1:])
     out = {}
     for i, blk in enumerate(encoder.blocks[: max(want) + 1]):
         x = blk(x)
         if i in want:
-            out[i] = encoder.norm(x) if i == encoder.depth - 1 else x
+            out[i] = encoder.norm(x) if i == encoder.depth - 1 and not raw else x
     return out
-
-
-def pooled(tokens: torch.Tensor, pool: str, num_prefix: int) -> torch.Tensor:
-    return tokens[:, 0] if pool == "cls" else tokens[:, num_prefix:].mean(dim=1)
 
 
 def normalise(imgs: torch.Tensor, cfg, device) -> torch.Tensor:
@@ -68,9 +65,9 @@ def extract(encoder, split, cfg, device, views, desc: str = "features"):
     loader = data_lib.eval_loader(split, cfg.data, cfg.model.input_size, cfg.evaluate.batch_size)
     with progress(len(loader.dataset), desc) as bar:
         for imgs, y in loader:
-            toks = tokens_at(encoder, normalise(imgs, cfg, device), layers)
-            for l, p in views:
-                feats[(l, p)].append(pooled(toks[l], p, encoder.num_prefix).float())
+            toks = tokens_at(encoder, normalise(imgs, cfg, device), layers, raw=True)
+            for l, p in views:  # the encoder says how its features are read (core/vit.py `pool`)
+                feats[(l, p)].append(encoder.pool(toks[l], p, last=l == encoder.depth - 1).float())
             labels.append(torch.as_tensor(y).to(device))
             bar.update(len(y))
     return {v: torch.cat(f) for v, f in feats.items()}, torch.cat(labels)

@@ -99,7 +99,8 @@ def check_config(cfg) -> None:
         check_number(cfg, "evaluate.linear.warmup_epochs", 0, cfg.evaluate.linear.epochs)
         check_number(cfg, "evaluate.linear.batch_size", 2, integer=True)
         check_number(cfg, "evaluate.linear.weight_decay", 0)
-        check_in(cfg, "evaluate.linear.optimizer", ("sgd", "lars"))
+        check_in(cfg, "evaluate.linear.optimizer", ("sgd", "lars", "adamw"))
+        check_in(cfg, "evaluate.linear.norm", ("batchnorm", "none"))
     if "finetune" in protocols:
         f = "evaluate.finetune."
         check_number(cfg, f + "epochs", 1, integer=True)
@@ -113,6 +114,7 @@ def check_config(cfg) -> None:
         check_number(cfg, f + "label_smoothing", 0, 1, hi_open=True)
         check_number(cfg, f + "mixup", 0)
         check_number(cfg, f + "cutmix", 0)
+        check_number(cfg, f + "random_erasing", 0, 1)
         check_in(cfg, f + "pool", ("mean", "cls"))
         check_pair(cfg, f + "crop_scale", lambda lo, hi: 0 < lo <= hi <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1")
         ra = cfg.evaluate.finetune.rand_augment

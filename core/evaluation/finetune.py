@@ -3,11 +3,15 @@
 - A fresh ViTEncoder of the same architecture with `evaluate.finetune.drop_path` (linearly increasing
   per block, as timm) takes the pre-trained weights; the caller's encoder is never modified.
 - Head: global average pool of the patch tokens + LayerNorm (`fc_norm`, MAE's `global_pool`) or the
-  [CLS] token after the final norm; Linear initialised trunc-normal 2e-5 (MAE).
+  [CLS] token after the final norm; for an encoder whose "CLS" is the mean of its prefix tokens
+  (SemanticMIM's proxies, core/vit.py `cls_pool`), that mean + the LayerNorm (the official `ln2`). Linear
+  initialised trunc-normal 2e-5 (MAE).
 - AdamW (betas 0.9/0.999) over timm's `param_groups_layer_decay` (the encoder's group_matcher: stem,
-  one group per block, then norm + head), lr = base_lr x batch / 256, warm-up then cosine, per step.
+  one group per block, then norm + head), lr = base_lr x batch / 256, warm-up then cosine, per step; no
+  weight decay on 1-D parameters, [CLS], the proxies and the position tables (the official codes').
 - Training view: RandomResizedCrop(`crop_scale`) + horizontal flip + timm's RandAugment (on PIL images,
-  gray ones included, filled with the data mean); timm Mixup/CutMix with label smoothing folded into the
+  gray ones included, filled with the data mean); timm's RandomErasing ('pixel' mode, probability
+  `random_erasing`) on the normalised batch; timm Mixup/CutMix with label smoothing folded into the
   soft targets (SoftTargetCrossEntropy), or label-smoothed cross-entropy when both alphas are 0.
 - Precision: bf16 autocast when `pretrain.precision=bf16`, else fp32. Metric: `finetune_top1` on the
   test split (resized + centre-cropped, as every evaluation here).
@@ -29,7 +33,8 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder, self.pool = encoder, pool
         d = encoder.embed_dim
-        self.fc_norm = nn.LayerNorm(d, eps=1e-6) if pool == "mean" else nn.Identity()
+        self.proxy_mean = pool == "cls" and encoder.cls_pool == "proxy_mean"
+        self.fc_norm = nn.LayerNorm(d, eps=1e-6) if pool == "mean" or self.proxy_mean else nn.Identity()
         self.head = nn.Linear(d, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
@@ -41,6 +46,8 @@ class Classifier(nn.Module):
             x = blk(x)
         if self.pool == "mean":
             return self.head(self.fc_norm(x[:, enc.num_prefix:].mean(dim=1)))
+        if self.proxy_mean:
+            return self.head(self.fc_norm(x[:, :enc.num_prefix].mean(dim=1)))
         return self.head(enc.norm(x)[:, 0])
 
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -61,10 +68,12 @@ def _posterize(img, bits: int, **_):
 class TrainView(Dataset):
     """Fine-tuning view of a split: crop, flip, RandAugment -> float image in [0, 1], label."""
 
-    def __init__(self, base, input_size: int, crop_scale, rand_augment: str | None, mean):
-        from torchvision.transforms import v2
+    def __init__(self, base, input_size: int, crop_scale, rand_augment: str | None, mean,
+                 interpolation: str = "bilinear"):
+        from torchvision.transforms import InterpolationMode, v2
         self.base = base
-        ops = [v2.RandomResizedCrop(input_size, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+        ops = [v2.RandomResizedCrop(input_size, scale=tuple(crop_scale), antialias=True,
+                                    interpolation=InterpolationMode(interpolation)), v2.RandomHorizontalFlip()]
         if rand_augment:
             from timm.data.auto_augment import rand_augment_transform
             fill = tuple(int(round(255 * m)) for m in mean)
@@ -106,14 +115,20 @@ def run(encoder, cfg, train_split, test_split, device) -> dict:
     f, n = cfg.evaluate.finetune, train_split.num_classes
     model = make_classifier(encoder, cfg, n).to(device)
     groups = param_groups_layer_decay(model, weight_decay=f.weight_decay, layer_decay=f.layer_decay,
-                                      no_weight_decay_list=model.encoder.no_weight_decay())
+                                      no_weight_decay_list=[f"encoder.{n}" for n in
+                                                            model.encoder.finetune_no_weight_decay()])
     opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
     random.seed(cfg.seed)  # RandAugment draws from Python's and NumPy's generators
     np.random.seed(cfg.seed)
-    view = TrainView(train_split.dataset, cfg.model.input_size, f.crop_scale, f.rand_augment, cfg.data.mean)
+    view = TrainView(train_split.dataset, cfg.model.input_size, f.crop_scale, f.rand_augment, cfg.data.mean,
+                     cfg.data.get("interpolation", "bilinear"))
     batch = min(f.batch_size, len(view)) // 2 * 2  # Mixup needs an even batch
     loader = DataLoader(view, batch_size=batch, shuffle=True, drop_last=True, num_workers=data_lib.loader_workers(cfg.data),
                         generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
+    erase = None
+    if f.get("random_erasing", 0):
+        from timm.data.random_erasing import RandomErasing
+        erase = RandomErasing(f.random_erasing, mode="pixel", device=str(device))
     mix = None
     if f.mixup > 0 or f.cutmix > 0:
         mix = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, label_smoothing=f.label_smoothing, num_classes=n)
@@ -129,6 +144,8 @@ def run(encoder, cfg, train_split, test_split, device) -> dict:
         for _ in range(f.epochs):
             for imgs, y in loader:
                 x, y = normalise(imgs, cfg, device), y.to(device)
+                if erase is not None:  # per image, before mixing (as the official codes' per-sample transform)
+                    x = erase(x)
                 if mix is not None:
                     x, y = mix(x, y)
                 lr = f.min_lr + (peak - f.min_lr) * warmup_cosine(step, total, warmup)

@@ -6,10 +6,12 @@ Linear (trunc-normal 0.01 init, zero bias), as MAE's probe. One optimiser, one p
 head (its own lr = base lr x batch / 256), one shuffled batch order for all of them: the heads never
 interact, so this equals training each alone, at the cost of one. The best lr per view is reported
 (`linear_top1/l<block>/<pool>`, and the lr it took in `linear_lr/...`); `linear_top1` is the view of
-`evaluate.layer` / `evaluate.pool`, the name reports already use.
+`evaluate.layer` / `evaluate.pool`, the name reports already use. `evaluate.linear.norm: none` drops the
+BatchNorm (SemanticMIM's probe, whose features are already layer-normalised).
 
-Optimiser: SGD (momentum 0.9) or LARS (MAE's linear probe: trust ratio and weight decay on matrices
-only, trust coefficient 0.001), linear warm-up then cosine to 0, per step.
+Optimiser: SGD (momentum 0.9), LARS (MAE's linear probe: trust ratio and weight decay on matrices
+only, trust coefficient 0.001) or AdamW (mmpretrain's, betas 0.9 / 0.999, decay on weight and bias),
+linear warm-up then cosine to 0, per step.
 """
 from __future__ import annotations
 
@@ -51,14 +53,16 @@ class LARS(torch.optim.Optimizer):
 
 
 class HeadGrid(nn.Module):
-    """One BN(affine=False) + Linear head per (view, lr); forward(feats) -> logits [heads, B, C]."""
+    """One BN(affine=False) + Linear head per (view, lr) (`norm`: batchnorm | none); forward(feats) ->
+    logits [heads, B, C]."""
 
-    def __init__(self, dims: dict, lrs, num_classes: int):
+    def __init__(self, dims: dict, lrs, num_classes: int, norm: str = "batchnorm"):
         super().__init__()
         self.keys = [(v, lr) for v in dims for lr in lrs]
         self.heads = nn.ModuleList()
         for v, _ in self.keys:
-            head = nn.Sequential(nn.BatchNorm1d(dims[v], affine=False, eps=1e-6), nn.Linear(dims[v], num_classes))
+            bn = nn.BatchNorm1d(dims[v], affine=False, eps=1e-6) if norm == "batchnorm" else nn.Identity()
+            head = nn.Sequential(bn, nn.Linear(dims[v], num_classes))
             nn.init.trunc_normal_(head[1].weight, std=0.01)
             nn.init.zeros_(head[1].bias)
             self.heads.append(head)
@@ -69,18 +73,22 @@ class HeadGrid(nn.Module):
 
 def train_grid(train_f: dict, train_y, test_f: dict, test_y, num_classes: int, lrs, epochs: int = 50,
                batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0, optimizer: str = "sgd",
-               warmup_epochs: float = 0) -> dict:
+               warmup_epochs: float = 0, norm: str = "batchnorm") -> dict:
     """-> {view: (best top-1 %, its base lr)} over `lrs` (base lrs: lr = base * batch_size / 256)."""
     device = next(iter(train_f.values())).device
     n = len(train_y)
     batch_size = min(batch_size, n)
     with torch.random.fork_rng(devices=[]):  # the heads' init depends on the seed only, not on what ran before
         torch.manual_seed(seed)
-        grid = HeadGrid({v: f.shape[1] for v, f in train_f.items()}, list(lrs), num_classes).to(device)
+        grid = HeadGrid({v: f.shape[1] for v, f in train_f.items()}, list(lrs), num_classes, norm).to(device)
     groups = [dict(params=list(h.parameters()), peak=lr * batch_size / 256) for (_, lr), h in zip(grid.keys, grid.heads)]
-    opt = (LARS(groups, weight_decay=weight_decay) if optimizer == "lars"
-           else torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=weight_decay))
-    spe = max(n // batch_size, 1)  # whole batches only: BatchNorm needs two samples
+    if optimizer == "lars":
+        opt = LARS(groups, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=weight_decay)
+    spe = max(n // batch_size, 1)  # whole batches only (BatchNorm needs two samples)
     total, warmup = epochs * spe, int(round(warmup_epochs * spe))
     g = torch.Generator().manual_seed(seed)
     grid.train()
@@ -115,7 +123,8 @@ def run(train_f: dict, train_y, test_f: dict, test_y, num_classes: int, cfg, dep
     views = sorted({(int(l) % depth, str(p)) for l in e.linear.layers for p in e.linear.pools})
     best = train_grid({v: train_f[v] for v in views}, train_y, {v: test_f[v] for v in views}, test_y,
                       num_classes, list(e.linear.lrs), e.linear.epochs, e.linear.batch_size,
-                      e.linear.weight_decay, cfg.seed, e.linear.optimizer, e.linear.warmup_epochs)
+                      e.linear.weight_decay, cfg.seed, e.linear.optimizer, e.linear.warmup_epochs,
+                      e.linear.get("norm", "batchnorm"))
     out = {}
     for (layer, pool), (acc, lr) in best.items():
         name = f"{block_name(layer, depth)}/{pool}"

@@ -2,7 +2,7 @@
 
 Tokens: [IMG] (the visible patches, L0), [PROXY] (L1 = `method.num_proxies` learnable tokens; the first
 is [CLS], the others extra [CLS]-like slots with learnable positions, as the reference code has them),
-[MASK] (L2 queries: a learnable token + the fixed position of each masked patch). Every layer i is
+[MASK] (L2 queries: a learnable token + the position of each masked patch). Every layer i is
     compression:    [IMG]+[PROXY] -> self-attention + MLP (encoder block i)          -> h^{i+1}
     reconstruction: [MASK] queries attend over [PROXY] (h^{i+1}) + [MASK], then MLP  (own weights)
 so [IMG] never sees [MASK] and everything [MASK] learns about the image passes through the proxies.
@@ -12,10 +12,19 @@ the loss covers the [MASK] tokens only, the proxies are never supervised directl
 `num_proxies: 0` is the vanilla baseline the paper wraps (BEiT, MaskFeat): one [CLS], and the encoder
 runs over every token with [MASK] tokens in place of the masked patches, a linear head on top.
 
-Targets (`method.target`): `hog` (MaskFeat: 9-bin HOG of `hog_cell_size` px cells, core/targets/hog.py; L2),
-`tokens` (BEiT: visual tokens of `method.tokenizer`, core/targets/tokenizers.py; cross-entropy), `teacher`
-(frozen-teacher patch features; L2), `pixel` / `norm_pixel` (L2). Masking is random per patch, as in
-the paper's experiments (BEiT/MaskFeat's block-wise masking is not used there).
+As the official code (mmpretrain-based) builds it: learnable position embeddings, trunc-normal init, the
+same block options in the compression and reconstruction stacks (`method.qkv_bias`, `layer_scale`,
+`init`, `init_rescale`: BEiT's variant uses q/v biases, layer scale 0.1, mmcv's FFN init and the
+1/sqrt(2l) rescale; core/vit.py), weight decay excluded from `method.no_weight_decay` (the MaskFeat
+variant: [MASK]; the BEiT variant: the proxies and position table), and the evaluation features of the
+official `ln2`: "CLS" = LayerNorm(mean of the proxies), "Patch" = LayerNorm(mean of the patch tokens),
+no final norm (core/vit.py `cls_pool` / `pool_norm`).
+
+Targets (`method.target`): `hog` (MaskFeat's HOG of `hog_cell_size` px cells, a Gaussian window of
+`hog_window` px, core/targets/hog.py; L2), `tokens` (BEiT: visual tokens of `method.tokenizer`,
+core/targets/tokenizers.py; cross-entropy), `teacher` (frozen-teacher patch features; L2), `pixel` /
+`norm_pixel` (L2). Masking is random per patch, ceil(N r) masked, as the official generator (BEiT/MaskFeat's
+block-wise masking is not used there).
 """
 from __future__ import annotations
 
@@ -23,31 +32,42 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.config import check, check_in, check_number
+from core.config import check, check_in, check_list, check_number
 from core.targets.hog import hog_patch_targets
 from core.methods.mae import check_patch_mask_ratio, check_teacher_target, patch_targets, random_patch_masking
 from core.methods import register
 from core.methods.base import Method
 from core.targets.normalize import pixel_dim
-from core.vit import ViTEncoder, build_encoder, init_weights
+from core.vit import INIT, POS_EMBED, QKV_BIAS, ViTEncoder, build_encoder, drop_path_rates, init_weights, rescale_init
+
+# the parameters `method.no_weight_decay` may name (besides 1-D parameters, which are never decayed)
+DECAY_OPTIONAL = ("mask_token", "encoder.cls_token", "encoder.reg_token", "encoder.reg_pos", "encoder.pos_embed")
+# SemanticMIM's architecture as the official code builds it (method keys), for configs that predate them
+ARCH_DEFAULTS = dict(pos_embed="learnable", qkv_bias="all", layer_scale=None, init="trunc_normal", init_rescale=False)
 
 
 class CrossBlock(nn.Module):
     """Pre-norm cross-attention block: queries [B, Q, D] attend over a context [B, C, D], then an MLP.
 
     Hand-written on F.scaled_dot_product_attention because timm has no cross-attention block; the
-    fused kernel never materialises the attention matrix (memory-efficient on GPU)."""
+    fused kernel never materialises the attention matrix (memory-efficient on GPU). One LayerNorm
+    (`norm1`) serves queries and context, as the official block's. Options as the encoder's blocks:
+    `qkv_bias` all | qv | none, `layer_scale` (initial value or None), drop path."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 qkv_bias: str = "all", layer_scale: float | None = None):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias != "none")
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias == "all")
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias == "qv" else None   # k gets no bias (BEiT)
         self.proj = nn.Linear(dim, dim)
+        from timm.layers import DropPath, LayerScale, Mlp  # here: importing timm costs ~1 s, a launch imports this module
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        from timm.layers import DropPath, Mlp  # here: importing timm costs ~1 s, a launch imports this module
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def split(self, t: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, heads, L, d]
@@ -58,10 +78,12 @@ class CrossBlock(nn.Module):
         qn = self.norm1(queries)
         kn = self.norm1(context)
         k, v = self.kv(kn).chunk(2, dim=-1)
+        if self.v_bias is not None:
+            v = v + self.v_bias
         out = F.scaled_dot_product_attention(self.split(self.q(qn)), self.split(k), self.split(v))
         out = out.transpose(1, 2).reshape(queries.shape)
-        x = queries + self.drop_path(self.proj(out))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = queries + self.drop_path(self.ls1(self.proj(out)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 @register
@@ -70,23 +92,28 @@ class SemanticMIM(Method):
     targets = ("hog", "tokens", "teacher", "pixel", "norm_pixel")
 
     def __init__(self, encoder: ViTEncoder, target_dim: int, num_proxies: int = 8, mask_ratio: float = 0.6,
-                 target: str = "hog", target_norm: str = "layernorm", hog_cell_size: int = 8, tokenizer=None,
-                 drop_path: float = 0.0, teacher_request=None):
+                 target: str = "hog", target_norm: str = "layernorm", hog_cell_size: int = 8,
+                 hog_window: int | None = None, tokenizer=None, drop_path: float = 0.0, teacher_request=None,
+                 no_weight_decay=("mask_token",)):
         super().__init__()
         self.encoder = encoder
-        D = encoder.embed_dim
+        D, arch = encoder.embed_dim, encoder.arch
         self.num_proxies, self.mask_ratio = num_proxies, mask_ratio
-        self.target, self.target_norm, self.hog_cell_size = target, target_norm, hog_cell_size
+        self.target, self.target_norm, self.hog_cell_size, self.hog_window = target, target_norm, hog_cell_size, hog_window
         self.tokenizer, self.request = tokenizer, teacher_request
+        self.decay_excluded = set(no_weight_decay)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
-        if num_proxies:
-            rates = [drop_path * i / max(encoder.depth - 1, 1) for i in range(encoder.depth)]
-            self.recon_blocks = nn.ModuleList(CrossBlock(D, encoder.num_heads, encoder.mlp_ratio, r) for r in rates)
+        if num_proxies:  # the reconstruction stack: as deep as the encoder, the same block options
+            self.recon_blocks = nn.ModuleList(
+                CrossBlock(D, encoder.num_heads, encoder.mlp_ratio, r, arch["qkv_bias"], arch["layer_scale"])
+                for r in drop_path_rates(drop_path, encoder.depth))
             self.recon_norm = nn.LayerNorm(D, eps=1e-6)
-            init_weights(self.recon_blocks)
-            init_weights(self.recon_norm)
+            init_weights(self.recon_blocks, arch["init"])
+            init_weights(self.recon_norm, arch["init"])
+            if arch["init_rescale"]:
+                rescale_init(self.recon_blocks)
         self.head = nn.Linear(D, target_dim)
-        init_weights(self.head)
+        init_weights(self.head, arch["init"])
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     # ---- from the config
@@ -97,10 +124,26 @@ class SemanticMIM(Method):
         check_number(cfg, "method.num_proxies", 0, integer=True)
         check_teacher_target(cfg)
         m = cfg.method
+        for key, allowed in (("pos_embed", POS_EMBED), ("qkv_bias", QKV_BIAS), ("init", INIT)):
+            if key in m:
+                check_in(cfg, f"method.{key}", allowed)
+        if "layer_scale" in m:
+            check_number(cfg, "method.layer_scale", 0, lo_open=True, optional=True)
+        if "init_rescale" in m:
+            check(isinstance(m.init_rescale, bool), "method.init_rescale", m.init_rescale, "must be true or false")
+        if "no_weight_decay" in m:
+            check_list(cfg, "method.no_weight_decay", lambda n: n in DECAY_OPTIONAL,
+                       "must be a list of " + ", ".join(DECAY_OPTIONAL) + " (1-D parameters are never decayed)",
+                       nonempty=False)
         if m.target == "hog":
             cell = cls.hog_cell(cfg)
             check(cfg.model.patch_size % cell == 0, "method.hog_cell_size", cell,
                   f"must divide model.patch_size={cfg.model.patch_size} (each patch holds whole HOG cells)")
+            check_number(cfg, "method.hog_window", 0, integer=True, optional=True)
+            w = m.get("hog_window")
+            check(not w or cfg.model.input_size % w == 0, "method.hog_window", w,
+                  f"must divide model.input_size={cfg.model.input_size} (the window is tiled over the image), or be "
+                  "0 (no window) or null (one window per patch)")
         if m.target == "tokens":
             check_in(cfg, "method.tokenizer.kind", ("kmeans", "dalle"))
             if m.tokenizer.kind == "dalle":
@@ -118,6 +161,13 @@ class SemanticMIM(Method):
         """`method.hog_cell_size`, or MaskFeat's 8 px (the patch size when patches are smaller)."""
         return cfg.method.get("hog_cell_size") or min(8, cfg.model.patch_size)
 
+    @staticmethod
+    def arch(cfg) -> dict:
+        """The encoder's architecture options from `method.*` (core/vit.py), and SemanticMIM's features."""
+        m = cfg.method
+        return {**{k: m.get(k, v) for k, v in ARCH_DEFAULTS.items()}, "cls_pool": "proxy_mean",
+                "pool_norm": "layernorm"}
+
     @classmethod
     def build(cls, cfg, teacher=None) -> "SemanticMIM":
         from core.config import resolve_path
@@ -133,17 +183,18 @@ class SemanticMIM(Method):
         dims = {"hog": C * (p // cell) ** 2 * 9, "tokens": tokenizer.vocab_size if tokenizer else 0,
                 "teacher": teacher.width if teacher is not None else 0, "pixel": pixel_dim(p, C),
                 "norm_pixel": pixel_dim(p, C)}
-        encoder = build_encoder(cfg, extra_tokens=max(m.num_proxies - 1, 0))
+        encoder = build_encoder(cfg, extra_tokens=max(m.num_proxies - 1, 0), **cls.arch(cfg))
         return cls(encoder, dims[m.target], num_proxies=m.num_proxies, mask_ratio=m.mask_ratio, target=m.target,
-                   target_norm=m.get("target_norm", "layernorm"), hog_cell_size=cell, tokenizer=tokenizer,
-                   drop_path=cfg.model.drop_path, teacher_request=cls.teacher_request(cfg))
+                   target_norm=m.get("target_norm", "layernorm"), hog_cell_size=cell, hog_window=m.get("hog_window"),
+                   tokenizer=tokenizer, drop_path=cfg.model.drop_path, teacher_request=cls.teacher_request(cfg),
+                   no_weight_decay=tuple(m.get("no_weight_decay", ("mask_token",))))
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token", "encoder.reg_token", "encoder.reg_pos"}
+        return super().no_weight_decay() | self.decay_excluded
 
     def unused_parameters(self) -> set[str]:
         # With proxies, the compression stream's output only feeds the reconstruction through the proxies
-        # of each layer: the encoder's final norm is used from evaluation on, never in pre-training.
+        # of each layer: the encoder's final norm is never used in pre-training (nor by SemanticMIM's features).
         return {"encoder.norm.weight", "encoder.norm.bias"} if self.num_proxies else set()
 
     # ---- per step
@@ -152,7 +203,7 @@ class SemanticMIM(Method):
         """-> [B, N, T] float targets, or [B, N] token ids."""
         grid, p = self.encoder.grid, self.encoder.patch_size
         if self.target == "hog":
-            return hog_patch_targets(imgs.float(), p, self.hog_cell_size)
+            return hog_patch_targets(imgs.float(), p, self.hog_cell_size, window=self.hog_window)
         if self.target == "tokens":
             return self.tokenizer(imgs, grid)
         return patch_targets(self, imgs, x, teacher)

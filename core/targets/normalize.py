@@ -5,7 +5,8 @@
 - `normalize_features`: how teacher features become targets (`method.target_norm`):
   `layernorm` = per token, LayerNorm without affine (the default: the scale of a target is fixed by
   construction, nothing learnable can shrink it); `batchnorm` = per channel over batch and tokens, no
-  affine (MaskAlign Tab. 6 "BN"); `none` = raw features.
+  affine; `batchnorm_global` = one mean and (unbiased) variance over the whole tensor, eps 1e-6 inside
+  the root (the official MaskAlign code's 'bn', its Tab. 6 "BN"); `none` = raw features.
 HOG targets are in core/targets/hog.py, visual tokens in core/targets/tokenizers.py.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from core.vit import patchify
 
-FEATURE_NORMS = ("layernorm", "batchnorm", "none")
+FEATURE_NORMS = ("layernorm", "batchnorm", "batchnorm_global", "none")
 
 
 def pixel_dim(patch_size: int, channels: int) -> int:
@@ -40,6 +41,8 @@ def normalize_features(feats: torch.Tensor, kind: str = "layernorm") -> torch.Te
     if kind == "batchnorm":
         flat = feats.reshape(-1, feats.shape[-1])
         return F.batch_norm(flat, None, None, training=True).reshape(feats.shape)
+    if kind == "batchnorm_global":
+        return (feats - feats.mean()) / (feats.var() + 1e-6) ** 0.5
     if kind == "none":
         return feats
     raise ValueError(f"method.target_norm={kind!r} is invalid: must be one of {', '.join(FEATURE_NORMS)}")

@@ -16,9 +16,17 @@ residual stream, before any norm); blocks run only as deep as the deepest output
 Attention runs fused (scaled_dot_product_attention) in every block; the [CLS] attention of the last
 block is computed on the side from the same q/k, for the [CLS] query only ([B, heads, 1, L]: cheap).
 
-Teachers are frozen: eval mode, requires_grad False, under torch.no_grad, optionally in bf16 (autocast).
+Teachers are frozen: eval mode, requires_grad False, under torch.no_grad, optionally in bf16 (autocast)
+where the device computes bf16 natively (`native_bf16`; elsewhere bf16 emulated in fp32 is slower than fp32,
+so the teacher runs fp32 and says so once).
 Weights come from a pretrained tag (hub download on a cluster), a local checkpoint file, or -- only when
 asked for with `pretrained: random` -- random init, which exists to test the code path offline.
+
+A network must compute what its weights were trained to compute. OpenAI's CLIP weights were trained with
+QuickGELU (x * sigmoid(1.702 x)) while open_clip's `ViT-B-16` / `ViT-L-14` configs build GELU (open_clip
+only warns); `clip_activation` decides QuickGELU from open_clip's record of the pretrained tag, the built
+teacher is checked against it, and timm's CLIP tags that were trained with QuickGELU must name timm's
+`_quickgelu_` variant (`check_config`).
 """
 from __future__ import annotations
 
@@ -29,7 +37,57 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.config import check, check_number, resolve_path
+from core.config import ConfigError, check, check_number, resolve_path
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware: CUDA GPUs from Ampere on; x86 CPUs with
+    AVX512-BF16 or AMX. Elsewhere bf16 is emulated in fp32 and slower than fp32 itself (a CLIP-B/16
+    forward: 4.5x slower on a CPU without them)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID probes
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return True  # other accelerators: the config is trusted
+
+
+_SAID: set = set()
+
+
+def say_once(message: str) -> None:
+    """Print a line to the job log once per process (a teacher is called every step)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"[mimsweep] {message}", flush=True)
+
+
+def clip_activation(model: str, pretrained: str, quick_gelu="auto") -> bool:
+    """Whether an open_clip teacher must run QuickGELU (True) or GELU (False).
+
+    `pretrained` a registry tag: the activation its weights were trained with, from open_clip's pretrained
+    config of the tag (`quick_gelu`: True for every `openai` tag). `quick_gelu: auto` takes it; true / false
+    must agree with it. A local file or `random` has no record: auto = the model config's own activation
+    (`ViT-B-16-quickgelu` builds QuickGELU). A model config that builds QuickGELU cannot be run as GELU.
+    ConfigError when the config and the weights disagree."""
+    import open_clip
+    trained = None
+    if pretrained != "random" and not resolve_path(pretrained).is_file():
+        tag = open_clip.get_pretrained_cfg(model, pretrained)
+        trained = bool(tag.get("quick_gelu", False)) if tag else None
+    own = bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
+    act = lambda q: "QuickGELU" if q else "GELU"  # noqa: E731
+    if quick_gelu == "auto":
+        want = own if trained is None else trained
+    else:
+        want = bool(quick_gelu)
+        if trained is not None and want != trained:
+            raise ConfigError("teacher.quick_gelu", quick_gelu, f"disagrees with the weights: {model}/{pretrained} was "
+                              f"trained with {act(trained)}", "teacher.quick_gelu=auto runs what the weights were trained with.")
+    if own and not want:
+        raise ConfigError("teacher.model", model, f"builds QuickGELU, but the weights ({pretrained}) were trained with GELU",
+                          f"Use the model config without -quickgelu ({model.replace('-quickgelu', '')}).")
+    return want
 
 
 @dataclass(frozen=True)
@@ -123,11 +181,20 @@ class Teacher(nn.Module):
         """x: prepared [B, 3, S, S] -> the requested outputs on the teacher's own token grid."""
         raise NotImplementedError
 
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """`dtype`, except bf16 on a device without native bf16: fp32 there (said once in the log)."""
+        if self.dtype == torch.bfloat16 and not native_bf16(device):
+            say_once(f"teacher: dtype bfloat16 runs as float32 on this {device.type} (no native bf16: emulated bf16 "
+                     f"is slower than float32)")
+            return torch.float32
+        return self.dtype
+
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor, grid: int, request: TeacherRequest = TeacherRequest(patch=True)
                 ) -> TeacherOutput:
         x = self.prepare(imgs.float())
-        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        dtype = self.compute_dtype(x.device)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = self.run(x, request)
         f = lambda t: None if t is None else t.float()  # noqa: E731
         return TeacherOutput(
@@ -180,19 +247,26 @@ class _TokenViT(Teacher):
 
 
 class OpenClipTeacher(_TokenViT):
-    """Image tower of an open_clip ViT (CLIP-B/16, CLIP-L/14, ...)."""
+    """Image tower of an open_clip ViT (CLIP-B/16, CLIP-L/14, ...), with the activation its weights were
+    trained with (`clip_activation`; `quick_gelu`: auto | true | false)."""
 
-    def __init__(self, model: str, pretrained: str, input_size: int | None = None, dtype: str = "float32"):
+    def __init__(self, model: str, pretrained: str, input_size: int | None = None, dtype: str = "float32",
+                 quick_gelu="auto"):
         import open_clip
 
+        quick = clip_activation(model, pretrained, quick_gelu)
         weights = None if pretrained == "random" else pretrained  # a tag ('openai') or a local file
         if weights and resolve_path(weights).is_file():
             weights = str(resolve_path(weights))
         kwargs = {"force_image_size": input_size} if input_size else {}  # resizes the position table too
-        clip = open_clip.create_model(model, pretrained=weights, **kwargs)
+        clip = open_clip.create_model(model, pretrained=weights, force_quick_gelu=quick, **kwargs)
         visual = clip.visual
         if not hasattr(visual, "transformer"):
             raise ValueError(f"teacher.model={model}: only ViT image towers are supported (no .transformer)")
+        built = self.activation(visual)
+        if built != ("QuickGELU" if quick else "GELU"):  # what open_clip built, not what we asked for
+            raise RuntimeError(f"teacher {model}/{pretrained}: built with {built}, but its weights need "
+                               f"{'QuickGELU' if quick else 'GELU'}")
         size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
         cfg = getattr(visual, "preprocess_cfg", {}) or {}
         super().__init__(input_size or size, cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
@@ -201,6 +275,15 @@ class OpenClipTeacher(_TokenViT):
         self.width = visual.transformer.width
         self.layer_widths = [self.width] * len(visual.transformer.resblocks)
         self.freeze()
+
+    @staticmethod
+    def activation(visual) -> str:
+        """The activation class of the MLPs of an open_clip ViT tower, as built ('QuickGELU', 'GELU', ...)."""
+        names = {type(m).__name__ for blk in visual.transformer.resblocks for m in blk.mlp.children()
+                 if not isinstance(m, nn.Linear)}
+        if len(names) != 1:
+            raise RuntimeError(f"open_clip tower with mixed MLP activations: {sorted(names)}")
+        return names.pop()
 
     def embed(self, x):
         return self.visual._embeds(x)  # [B, 1 + N, D]: conv1, [CLS], positions, patch dropout (off), ln_pre
@@ -396,7 +479,7 @@ class EfficientNetLite0Teacher(Teacher):
 def build_teacher(cfg) -> Teacher:
     """cfg: the `teacher` config group (kind, model, pretrained, input_size, dtype, ...)."""
     if cfg.kind == "open_clip":
-        return OpenClipTeacher(cfg.model, cfg.pretrained, cfg.get("input_size"), cfg.dtype)
+        return OpenClipTeacher(cfg.model, cfg.pretrained, cfg.get("input_size"), cfg.dtype, cfg.get("quick_gelu", "auto"))
     if cfg.kind == "timm":
         kw = cfg.get("model_kwargs")
         return TimmTeacher(cfg.model, cfg.pretrained, cfg.get("input_size"), cfg.dtype,
@@ -473,9 +556,13 @@ def check_config(cfg, request: TeacherRequest) -> None:
             tags = open_clip.list_pretrained_tags_by_model(t.model)
             check(pre in tags, "teacher.pretrained", pre,
                   f"is not a pretrained tag of {t.model} (known: {', '.join(tags) or 'none'}), nor a local file")
+        q = t.get("quick_gelu", "auto")
+        check(q in ("auto", True, False), "teacher.quick_gelu", q, "must be auto, true or false")
+        clip_activation(t.model, pre, q)
     elif t.kind == "timm":
         import timm
         check(timm.is_model(t.model), "teacher.model", t.model, "is not a timm model; see timm.list_models()")
+        check_timm_activation(t.model, pre)
     else:
         check(pre in ("package", "random") or resolve_path(pre).is_file(), "teacher.pretrained", pre,
               "must be `package`, `random` or a local state_dict file")
@@ -489,6 +576,20 @@ def check_config(cfg, request: TeacherRequest) -> None:
               "Use a local file (teacher.pretrained=/path/to/weights) or download the weights into the cache "
               "first on a machine with network.")
     check_number(cfg, "teacher.input_size", 16, integer=True, optional=True)
+
+
+def check_timm_activation(model: str, pretrained: str) -> None:
+    """timm's CLIP weights trained with QuickGELU (OpenAI's, MetaCLIP's) say so in their pretrained config's
+    notes, while timm's plain CLIP models build GELU: such weights need the model's `_quickgelu_` variant."""
+    from timm.models import get_pretrained_cfg
+    if pretrained == "random" or resolve_path(pretrained).is_file():
+        return
+    name = model if "." in model else f"{model}.{pretrained}"
+    pc = get_pretrained_cfg(name)
+    native_quick = pc is not None and any("QuickGELU" in n for n in (pc.notes or ()))
+    check(not native_quick or "quickgelu" in model, "teacher.model", model,
+          f"builds GELU, but the weights {name} were trained with QuickGELU",
+          "Use timm's QuickGELU variant of the model (e.g. vit_base_patch16_clip_quickgelu_224).")
 
 
 @functools.lru_cache(maxsize=16)  # once per launch, not once per point

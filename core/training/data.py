@@ -114,13 +114,16 @@ class Augmented(Dataset):
     """Pre-training view: item (index, sample_seed) -> (image, label); a uint8 image stays uint8 (0-255,
     see `to_device`), a float one stays float in [0, 1]."""
 
-    def __init__(self, base: Dataset, input_size: int, crop_scale=(0.2, 1.0), hflip: bool = True):
-        from torchvision.transforms import v2
+    def __init__(self, base: Dataset, input_size: int, crop_scale=(0.2, 1.0), hflip: bool = True,
+                 interpolation: str = "bilinear", color_jitter: float | None = None):
+        from torchvision.transforms import InterpolationMode, v2
         self.base = base
-        ops = [v2.RandomResizedCrop(input_size, scale=tuple(crop_scale), antialias=True)]
-        if hflip:
-            ops.append(v2.RandomHorizontalFlip())
-        self.transform = v2.Compose(ops)
+        # BEiT's order: colour jitter, flip, then the crop (MAE's and mmpretrain's MaskFeat: crop, then flip)
+        ops = [v2.ColorJitter(color_jitter, color_jitter, color_jitter, 0)] if color_jitter else []
+        crop = v2.RandomResizedCrop(input_size, scale=tuple(crop_scale), antialias=True,
+                                    interpolation=InterpolationMode(interpolation))
+        flip = [v2.RandomHorizontalFlip()] if hflip else []
+        self.transform = v2.Compose(ops + (flip + [crop] if color_jitter else [crop] + flip))
 
     def __len__(self):
         return len(self.base)
@@ -274,13 +277,15 @@ def in_memory(ds: Dataset):
 
 
 class Plain(Dataset):
-    """Evaluation view: resize (shorter side, then centre crop) to the input size, float in [0, 1]."""
+    """Evaluation view: resize the shorter side to `resize` (None = the input size), centre-crop the input
+    size, float in [0, 1]. The official codes evaluate at 224 px from a 256 px resize, bicubic."""
 
-    def __init__(self, base: Dataset, input_size: int):
-        from torchvision.transforms import v2
+    def __init__(self, base: Dataset, input_size: int, resize: int | None = None, interpolation: str = "bilinear"):
+        from torchvision.transforms import InterpolationMode, v2
         self.base = base
-        self.transform = v2.Compose([v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size),
-                                     v2.ToDtype(torch.float32, scale=True)])
+        self.transform = v2.Compose([v2.Resize(resize or input_size, antialias=True,
+                                               interpolation=InterpolationMode(interpolation)),
+                                     v2.CenterCrop(input_size), v2.ToDtype(torch.float32, scale=True)])
 
     def __len__(self):
         return len(self.base)
@@ -333,7 +338,8 @@ def pretrain_loader(split: Split, cfg_data, input_size: int, batch_size: int, se
         view = BatchAugmented(*tensors, input_size, cfg_data.crop_scale, cfg_data.hflip)
         return DataLoader(view, sampler=sampler, batch_size=None, num_workers=workers, pin_memory=pin,
                           generator=torch.Generator())
-    view = Augmented(split.dataset, input_size, cfg_data.crop_scale, cfg_data.hflip)
+    view = Augmented(split.dataset, input_size, cfg_data.crop_scale, cfg_data.hflip,
+                     cfg_data.get("interpolation", "bilinear"), cfg_data.get("color_jitter"))
     # The loader is iterated once for the whole run; prefetch keeps several batches decoded ahead.
     return DataLoader(view, batch_sampler=sampler, num_workers=workers, generator=torch.Generator(),
                       pin_memory=pin, persistent_workers=workers > 0,
@@ -341,7 +347,8 @@ def pretrain_loader(split: Split, cfg_data, input_size: int, batch_size: int, se
 
 
 def eval_loader(split: Split, cfg_data, input_size: int, batch_size: int) -> DataLoader:
-    return DataLoader(Plain(split.dataset, input_size), batch_size=batch_size, shuffle=False,
+    view = Plain(split.dataset, input_size, cfg_data.get("eval_resize"), cfg_data.get("interpolation", "bilinear"))
+    return DataLoader(view, batch_size=batch_size, shuffle=False,
                       num_workers=loader_workers(cfg_data), pin_memory=torch.cuda.is_available())
 
 
@@ -356,6 +363,16 @@ def check_config(cfg) -> None:
     check(len(cfg.data.mean) == cfg.data.channels and len(cfg.data.std) == cfg.data.channels, "data.mean",
           list(cfg.data.mean), f"data.mean and data.std need data.channels={cfg.data.channels} values")
     check_pair(cfg, "data.crop_scale", lambda lo, hi: 0 < lo <= hi <= 1, "must be [lo, hi] with 0 < lo <= hi <= 1")
+    check_in(cfg, "data.interpolation", ("bilinear", "bicubic"))
+    check_number(cfg, "data.color_jitter", 0, lo_open=True, optional=True)
+    check_number(cfg, "data.eval_resize", cfg.model.input_size, integer=True, optional=True)
+    if cfg.data.source != "imagefolder":  # the batched crops of in-memory data resample bilinearly, without jitter
+        check(cfg.data.interpolation == "bilinear", "data.interpolation", cfg.data.interpolation,
+              f"must be bilinear for data.source={cfg.data.source} (its crops are made a batch at a time, bilinear)",
+              "Bicubic crops and colour jitter are for folder data (data=imagenet).")
+        check(cfg.data.get("color_jitter") is None, "data.color_jitter", cfg.data.get("color_jitter"),
+              f"must be null for data.source={cfg.data.source} (its batched crops have no colour jitter)",
+              "Bicubic crops and colour jitter are for folder data (data=imagenet).")
     check(cfg.data.source != "embedded" or cfg.data.get("root") is None, "data.root", cfg.data.get("root"),
           "is not read by data.source=embedded (the images shipped in core/assets)",
           "Drop data.root, or pick data that reads it: data=fashion_mnist or data=imagenet.")

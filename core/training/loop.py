@@ -87,10 +87,11 @@ def schedule(cfg, num_train: int, world_size: int = 1) -> tuple[int, int, float]
     """-> (total optimiser steps, warm-up steps, peak lr) for this point."""
     per_rank = cfg.pretrain.batch_size // world_size
     spe = data_lib.steps_per_epoch(num_train, per_rank, world_size)
-    total = cfg.pretrain.epochs * spe
+    scale = cfg.pretrain.get("epochs_scale", 1.0)   # a point's share of the recipe's length (MaskAlign Tab. 4)
+    total = max(int(round(cfg.pretrain.epochs * scale * spe)), 1)
     if cfg.pretrain.max_steps:
         total = min(total, cfg.pretrain.max_steps)
-    warmup = min(int(round(cfg.pretrain.warmup_epochs * spe)), total)
+    warmup = min(int(round(cfg.pretrain.warmup_epochs * scale * spe)), total)
     return total, warmup, cfg.pretrain.base_lr * cfg.pretrain.batch_size / 256
 
 
