@@ -30,7 +30,8 @@ LAYERS = [                                                   # bottom first
     ["cluster.backend", "cluster.checks", "cluster.snapshot", "cluster.progress"],  # the backend interface, its helpers, a run's progress
     ["cluster.local", "cluster.slurm", "cluster.task"],      # the backends, and a SLURM task's entry
     ["cluster.launch"],                                      # plan, create runs, hand them to a backend
-    ["sweeps.run", "cluster.status", "reports", "bench", "core.assets"],  # entry points and scripts
+    ["sweeps.run", "cluster.status", "reports", "core.assets"],  # entry points and scripts
+    ["bench"],                                               # measurements of any of the above
 ]
 
 
