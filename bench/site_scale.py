@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPORTED = "mcm_mask_ratio"      # the sweep whose report is timed
 REPORTED_SEEDS = 13              # 4 labels x 13 seeds = 52 points, 50 of them with a run
+LAYOUT = 2                       # of the synthetic store: a cached store of another layout is made again
 
 
 def load() -> str:
@@ -80,8 +81,7 @@ def make_store(out: Path, n_runs: int, n_sweeps: int, history: int) -> float:
     now = int(time.time() * 1000) - n_runs * 1000
     made = 0
     for i in range(n_sweeps):
-        name = names[i % len(names)] if i else REPORTED
-        variant = i // len(names) if i else 0
+        name, variant = names[i % len(names)], i // len(names)   # sweep file, then its n-th launch variant
         spec = all_specs[name]
         if name not in experiments:
             experiments[name] = c.create_experiment(name)
@@ -138,7 +138,7 @@ def make_store(out: Path, n_runs: int, n_sweeps: int, history: int) -> float:
             if made % 500 == 0:
                 print(f"  {made}/{n_runs} runs, {time.time() - t0:.0f} s", flush=True)
     took = time.time() - t0
-    (out / "created.json").write_text(json.dumps({"runs": n_runs, "sweeps": n_sweeps, "history": history,
+    (out / "created.json").write_text(json.dumps({"layout": LAYOUT, "runs": n_runs, "sweeps": n_sweeps, "history": history,
                                                    "seconds": took, "load": load()}))
     return took
 
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.store)
     made = out / "created.json"
     info = json.loads(made.read_text()) if made.is_file() else {}
-    if [info.get(k) for k in ("runs", "sweeps", "history")] == [args.runs, args.sweeps, args.history]:
+    if [info.get(k) for k in ("layout", "runs", "sweeps", "history")] == [LAYOUT, args.runs, args.sweeps, args.history]:
         print(f"store: {out}/mlflow.db (cached): {info['runs']} runs in {info['sweeps']} sweeps, created in "
               f"{info['seconds']:.0f} s ({info['load']})")
     else:

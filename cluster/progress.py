@@ -4,7 +4,7 @@ A job logs `train_loss`, `lr`, `throughput_img_s` and `progress` (= step / total
 step and sends them in batches at each checkpoint (core/tracking/metrics.py), so what the tracker shows
 lags the job by at most one checkpoint interval. Used by `cluster/status.py --watch` and the site's index
 (reports/site.py), which read many runs' histories at once: `histories` fetches one metric of many runs in
-as few calls as the store allows (one SQL query for a database store, 100 runs a request from a tracking
+as few calls as the store allows (one SQL query a 500 runs for a database store: core/tracking/bulk.py, 100 runs a request from a tracking
 server, one call per run otherwise).
 """
 from __future__ import annotations
@@ -34,13 +34,13 @@ def histories(c, run_ids: list[str], key: str = LOSS, points: int | None = None)
     out: dict[str, list] = {r: [] for r in run_ids}
     if not run_ids:
         return out
-    store = c._tracking_client.store  # the client has no bulk read of its own
     from mlflow.store.tracking.rest_store import RestStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    if isinstance(store, SqlAlchemyStore):
-        for i in range(0, len(run_ids), 500):  # SQLite's bound-parameter limit is far above 500
-            for m in store.get_metric_history_bulk(run_ids[i:i + 500], key, max_results=10**9):
-                out[m.run_id].append((m.step, m.value, m.timestamp))
+
+    from core.tracking import bulk
+    store = c._tracking_client.store  # the client has no bulk read of its own
+    found = bulk.histories(c, run_ids, key)
+    if found is not None:  # a database store: column queries
+        out = found
     elif isinstance(store, RestStore):
         from mlflow.utils.rest_utils import http_request
         for i in range(0, len(run_ids), SERVER_BATCH):

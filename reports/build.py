@@ -3,8 +3,8 @@
 Give it the same overrides as the launch (`sweeps/run.py`): it composes the grid exactly as the launcher
 does (sweeps/plan.py), so the points' signatures pick out the runs of *that* launch (a smoke
 rehearsal and the real sweep share an experiment but not their signatures). Results are read from
-MLflow only, never from job folders: one paged search of the sweep's experiment, FINISHED point runs of
-the planned signatures. It prints the Markdown table and writes <sweep>.{md,tex,csv,html,png,svg} and
+MLflow only, never from job folders: the sweep's point runs in its experiment (core/tracking/bulk.py), FINISHED
+point runs of the planned signatures. It prints the Markdown table and writes <sweep>.{md,tex,csv,html,png,svg} and
 <sweep>_agreement.csv under `report_dir` (default <output_root>/reports/<sweep>).
 
 `python reports/build.py --site [--output-root DIR | --uri URI] [--out DIR] [--ui URL]` builds instead one
@@ -74,7 +74,8 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
     if exp is None or exp.lifecycle_stage == "deleted":  # never create or restore it: we only read
         raise NothingToReport(f"no experiment '{experiment}' in the MLflow store {tracking.redact(uri)}.")
     from sweeps.plan import match
-    points = tracking.point_runs(c, exp.experiment_id, sweep)   # one paged search for the sweep's tag
+    from core.tracking import bulk
+    points = bulk.runs(c, [exp.experiment_id], {tracking.TAG + "kind": "point", tracking.TAG + "sweep": sweep})
     found = match(planned, points)                                 # the identity rules (core/tracking/identity.py)
     used = {run.info.run_id for run in found.values() if run.info.status == tracking.FINISHED}
     others = len({r.info.run_id for r in points if r.info.status == tracking.FINISHED} - used)

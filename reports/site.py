@@ -14,9 +14,10 @@ training-loss curves of its points and a link to each run in the MLflow UI (`<ui
 id>`). Plain HTML and one vendored plotting library (plotly.js basic, MIT, reports/assets/), no server: the
 folder works from file://. Rebuilding it shows the store's state at that moment.
 
-The store is read in two passes whatever its size: one paged search of every run of every experiment
-(max_results=1000 a page) and the `train_loss` histories of the points in bulk (cluster/progress.py
-histories). Paper numbers and row order come from the sweep files of this checkout (sweeps/conf/sweep/).
+The store is read in two passes whatever its size: every run of every live experiment (core/tracking/bulk.py:
+a column query per table of a database store, the paged search of a tracking server) and the `train_loss`
+histories of the points in bulk (cluster/progress.py histories). Paper numbers and row order come from the
+sweep files of this checkout (sweeps/conf/sweep/).
 """
 from __future__ import annotations
 
@@ -86,58 +87,46 @@ class Sweep:
         stamps = [0]
         for r in self.runs:
             stamps += [r.info.start_time or 0, r.info.end_time or 0]
-            stamps += [m.timestamp for m in getattr(r.data, "_metric_objs", [])]
+            stamps.append(r.data.metric_time)
         return max(stamps)
 
 
 def variant_of(overrides: list[str]) -> str:
     """The overrides that change what points compute, in the launch's order."""
-    from sweeps.plan import override_key
+    from sweeps.grid import override_key  # not sweeps.plan: that imports the methods (torch) for nothing here
     return " ".join(o for o in overrides if override_key(o).split(".")[0] not in NOT_RESULTS)
 
 
 def read_store(c) -> tuple[dict[str, str], list]:
-    """{experiment id: name} and every run of every live experiment: one paged search (plus the experiment
-    listing)."""
-    experiments, token = {}, None
-    while True:
-        page = c.search_experiments(max_results=1000, page_token=token)
-        experiments.update({e.experiment_id: e.name for e in page})
-        token = page.token
-        if not token:
-            break
-    ids, found = list(experiments), []
-    for i in range(0, len(ids), 100):
-        token = None
-        while True:
-            page = c.search_runs(ids[i:i + 100], max_results=1000, page_token=token)
-            found.extend(page)
-            token = page.token
-            if not token:
-                break
-    return experiments, found
+    """{experiment id: name} and every run of every live experiment (core/tracking/bulk.py)."""
+    from core.tracking import bulk
+    experiments = bulk.experiments(c)
+    return experiments, bulk.runs(c, list(experiments))
 
 
 def group(experiments: dict[str, str], runs: list) -> list[Sweep]:
     """Point runs -> sweeps, keyed by (experiment, sweep name, the variant of the launch that made them)."""
-    launches = {r.info.run_id: r for r in runs if r.data.tags.get(tracking.TAG + "kind") == "launch"}
+    launches = {}  # launch run id -> (its overrides, their variant): once per launch, not per point
+    for r in runs:
+        if r.data.tags.get(tracking.TAG + "kind") == "launch":
+            try:
+                overrides = json.loads(r.data.tags.get(tracking.TAG + "overrides", "[]"))
+            except ValueError:
+                overrides = []
+            launches[r.info.run_id] = (overrides, variant_of(overrides))
     sweeps: dict[tuple, Sweep] = {}
     for r in sorted(runs, key=lambda r: r.info.start_time or 0):
         tags = r.data.tags
         if tags.get(tracking.TAG + "kind") != "point":
             continue
         launch = launches.get(tags.get("mlflow.parentRunId"))
-        try:
-            overrides = json.loads(launch.data.tags.get(tracking.TAG + "overrides", "[]")) if launch else []
-        except ValueError:
-            overrides = []
         name = tags.get(tracking.TAG + "sweep") or "single"
-        key = (r.info.experiment_id, name, variant_of(overrides))
+        key = (r.info.experiment_id, name, launch[1] if launch else "")
         if key not in sweeps:
             sweeps[key] = Sweep(r.info.experiment_id, experiments.get(r.info.experiment_id, "?"), name, key[2])
         sweeps[key].runs.append(r)
         if launch:
-            sweeps[key].command = overrides
+            sweeps[key].command = launch[0]
     return sorted(sweeps.values(), key=lambda s: (s.name, s.variant, s.experiment))
 
 
@@ -222,8 +211,8 @@ def _finite(value):
 
 
 def _script_json(value) -> str:
-    """JSON inside a <script> element: no "</" can close it early."""
-    return json.dumps(_finite(value), allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
+    """JSON inside a <script> element: no "</" can close it early. `value` must hold no NaN (see _finite)."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
 
 
 def _state_cells(s: Sweep) -> str:
@@ -262,13 +251,14 @@ def page(s: Sweep, ui: str, curves: dict, built: str) -> str:
     title = table.title_of(rep) if rep else s.name
     figs, divs = {}, []
     for i, p in enumerate(figures.panels(rep) if rep else []):
-        figs[f"panel{i}"] = figures.to_plotly(p)
+        figs[f"panel{i}"] = _finite(figures.to_plotly(p))
         divs.append(f'<div class="panel" id="panel{i}"></div>')
     traces = []
     for r in s.latest:
         h = curves.get(r.info.run_id) or []
         if h:
-            traces.append({"type": "scatter", "mode": "lines", "x": [p[0] for p in h], "y": [p[1] for p in h],
+            traces.append({"type": "scatter", "mode": "lines", "x": [p[0] for p in h],
+                           "y": [p[1] if math.isfinite(p[1]) else None for p in h],  # a diverged loss: a gap
                            "name": f"{r.data.tags.get(tracking.TAG + 'label', '?')} seed={r.data.params.get('seed', '?')}"})
     if traces:
         figs["curves"] = {"data": traces, "layout": {"title": {"text": "training loss (train_loss)"}, "height": 380,

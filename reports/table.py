@@ -244,26 +244,29 @@ def aggregate(runs: pd.DataFrame, labels: Sequence[str], metrics: Sequence[str] 
     every = runs[runs["label"].isin(labels)] if "label" in runs else runs
     runs = runs.reindex(columns=["label", *metrics, TEST_IMAGES])
     runs = runs[runs["label"].isin(labels)]
-    grouped = runs.groupby("label", sort=False)
-    out = pd.DataFrame(index=pd.Index(list(labels), name="label"))
+    index = pd.Index(list(labels), name="label")
+    # one groupby over every metric at once (a site builds hundreds of these tables)
+    values = runs[[*metrics, TEST_IMAGES]].apply(pd.to_numeric, errors="coerce").astype(float)
+    grouped = values.groupby(runs["label"], sort=False)
+    means, stds = grouped.mean().reindex(index), grouped.std(ddof=1).reindex(index)  # std: NaN for one seed
+    counts = grouped.count().reindex(index).fillna(0)
     # the smallest test set of a row's runs: its interval is not narrower than its noisiest run's
-    tests = pd.to_numeric(runs[TEST_IMAGES], errors="coerce").groupby(runs["label"], sort=False).min()
-    tests = tests.reindex(out.index)
+    tests = grouped[TEST_IMAGES].min().reindex(index)
+    columns = {}
     for m in metrics:
-        values = pd.to_numeric(runs[m], errors="coerce").groupby(runs["label"], sort=False)
-        out[f"{m}_mean"] = values.mean()
-        out[f"{m}_std"] = values.std(ddof=1)  # NaN for a single seed: no spread is known, none is shown
-        count = values.count().reindex(out.index).fillna(0)
+        columns[f"{m}_mean"], columns[f"{m}_std"] = means[m], stds[m]
         bounds = [agreement.interval(mean, std, int(k), test, is_accuracy(m))
-                  for mean, std, k, test in zip(out[f"{m}_mean"], out[f"{m}_std"], count, tests)]
-        out[f"{m}_lo"] = [lo for lo, _ in bounds]
-        out[f"{m}_hi"] = [hi for _, hi in bounds]
-    out["n"] = grouped.size().reindex(out.index).fillna(0).astype(int)
+                  for mean, std, k, test in zip(means[m], stds[m], counts[m], tests)]
+        columns[f"{m}_lo"] = pd.Series([lo for lo, _ in bounds], index=index, dtype=float)
+        columns[f"{m}_hi"] = pd.Series([hi for _, hi in bounds], index=index, dtype=float)
+    columns["n"] = runs.groupby("label", sort=False).size().reindex(index).fillna(0).astype(int)
     if tests.notna().any():
-        out[TEST_IMAGES] = tests
+        columns[TEST_IMAGES] = tests
     if COST in every:
-        out[COST] = [device_hours(every[every["label"] == label]) for label in out.index]
-    return out
+        by_label = dict(list(every.groupby("label", sort=False)))
+        columns[COST] = pd.Series([device_hours(by_label.get(label, every.iloc[:0])) for label in index],
+                                  index=index, dtype=float)
+    return pd.DataFrame(columns, index=index)
 
 
 def device_hours(runs: pd.DataFrame) -> float:
@@ -413,8 +416,8 @@ def marks(report: Report) -> tuple[pd.DataFrame, pd.DataFrame]:
     marks nothing (marking every row says nothing). The paper's columns bold their best as printed, and
     only when higher is better (its columns may mix accuracies with costs otherwise)."""
     f = report.frame
-    bold = pd.DataFrame(False, index=f.index, columns=f.columns)
-    tie = bold.copy()
+    bold = {col: set() for col in f.columns}  # column -> its marked row labels; frames made once at the end
+    tie = {col: set() for col in f.columns}
     lowest = report.best_is == "lowest"
     for m in main_metrics(report):
         col = f"{m}_mean"
@@ -423,15 +426,14 @@ def marks(report: Report) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         intervals = dict(zip(f.index, interval_of(report, m)))
         tied = agreement.within_noise(shown.to_dict(), intervals, lowest)
-        if len(tied) == 1:
-            bold.loc[tied, col] = True
-        else:
-            tie.loc[tied, col] = True
+        (bold if len(tied) == 1 else tie)[col].update(tied)
     for col in report.paper_columns if not lowest else []:
         shown = f[col].round(DECIMALS).dropna()
         if shown.nunique() >= 2:
-            bold.loc[shown.index[shown == shown.max()], col] = True
-    return bold, tie
+            bold[col].update(shown.index[shown == shown.max()])
+    as_frame = lambda marked: pd.DataFrame({col: f.index.isin(list(rows)) for col, rows in marked.items()},  # noqa: E731
+                                           index=f.index, columns=f.columns)
+    return as_frame(bold), as_frame(tie)
 
 
 def best(report: Report) -> pd.DataFrame:
@@ -505,30 +507,32 @@ def cells(report: Report, style: Style, grouped: bool = False) -> pd.DataFrame:
     is_best, is_tie = marks(report)
     decimals = {col: paper_decimals(f[col]) for col in report.paper_columns}
     cols = layout(report)
+    # {column: {label: value}}: a dict lookup per cell instead of DataFrame.at (a site renders 200 tables)
+    value, is_best, is_tie = f.to_dict(), is_best.to_dict(), is_tie.to_dict()
     rows = []
     for label in f.index:
         ours = label in report.grid_labels
         row = []
         for _, kind, key in cols:
             if kind == "paper":
-                v = f.at[label, key]
+                v = value[key][label]
                 text = "" if pd.isna(v) else _num(v, decimals[key])
-                row.append(style.bold(text) if text and is_best.at[label, key] else text)
+                row.append(style.bold(text) if text and is_best[key][label] else text)
             elif not ours:
                 row.append("")                      # a paper-only row: we have no such point
             elif kind == "n":
-                row.append(str(int(f.at[label, "n"])))
+                row.append(str(int(value["n"][label])))
             elif kind == "metric":
-                mean, std = f.at[label, f"{key}_mean"], f.at[label, f"{key}_std"]
+                mean, std = value[f"{key}_mean"][label], value[f"{key}_std"][label]
                 if pd.isna(mean):
                     text = style.missing            # our point, not (yet) finished
                 else:
                     text = _num(mean) + ("" if pd.isna(std) else style.pm + _num(std))
-                    text = style.bold(text) if is_best.at[label, f"{key}_mean"] else text
-                    text += style.tie if is_tie.at[label, f"{key}_mean"] else ""
+                    text = style.bold(text) if is_best[f"{key}_mean"][label] else text
+                    text += style.tie if is_tie[f"{key}_mean"][label] else ""
                 row.append(text)
             else:
-                v = f.at[label, key]
+                v = value[key][label]
                 if pd.isna(v):
                     row.append("" if kind == "delta" else style.missing)  # no paper number: no delta
                 elif kind == "rel":
@@ -693,7 +697,7 @@ def csv_frame(report: Report) -> pd.DataFrame:
     "paper: <col>" (as printed), "Δ <col>" (same data only); `ours`, `default`, and `warning` (the smoke mark
     and floor warnings of the row)."""
     f = report.frame
-    out = pd.DataFrame(index=f.index)
+    out = {}  # column -> values; one DataFrame at the end (inserting columns one by one is slow)
     out["ours"] = [label in report.grid_labels for label in f.index]
     out["default"] = [label == report.default for label in f.index]
     text = lambda series, fmt: [("" if pd.isna(v) else fmt(v)) for v in series]  # noqa: E731
@@ -721,7 +725,7 @@ def csv_frame(report: Report) -> pd.DataFrame:
                 if not (pd.isna(ours[label]) or pd.isna(floor[label])) and ours[label] <= floor[label]:
                     warn[label].append(f"{m} at or below its floor")
     out["warning"] = ["; ".join(warn[label]) for label in f.index]
-    return out
+    return pd.DataFrame({k: v if isinstance(v, list) else [v] * len(f) for k, v in out.items()}, index=f.index)
 
 
 def to_csv(report: Report) -> str:

@@ -74,6 +74,65 @@ def page_of(root, name):
     return found
 
 
+def _as_plain(records) -> dict:
+    """{run id: record as a dict}, NaN as a string (NaN != NaN)."""
+    import dataclasses
+    import math
+    nan = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    out = {}
+    for r in records:
+        d = dataclasses.asdict(r)
+        d["data"]["metrics"] = {k: nan(v) for k, v in d["data"]["metrics"].items()}
+        out[r.info.run_id] = d
+    return out
+
+
+def test_bulk_read_of_a_database_store_equals_mlflows_search(store, tmp_path, monkeypatch):
+    """core/tracking/bulk.py's column queries give what the paged search gives: same runs (deleted runs and
+    experiments left out), tags, params, latest metrics (NaN included), their latest timestamp, histories."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    from core.tracking import bulk
+    out, points = store
+    shutil.copy(out / "mlflow.db", tmp_path / "mlflow.db")          # edited below: the fixture's store stays
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert bulk._sql_store(c) is not None
+    finished = [r for r in points if r.info.status == "FINISHED"]
+    c.log_metric(finished[0].info.run_id, "diverged", math.nan)
+    c.delete_run(finished[1].info.run_id)
+    gone = c.create_experiment("gone")
+    c.create_run(gone)
+    c.delete_experiment(gone)
+
+    experiments = bulk.experiments(c)
+    assert gone not in experiments and set(experiments.values()) >= {"mcm_mask_ratio", "mcm_recon_range"}
+    fast, slow = bulk.runs(c, list(experiments)), bulk._runs_search(c, list(experiments), {})
+    assert _as_plain(fast) == _as_plain(slow)
+    assert [r.info.run_id for r in fast] == [r.info.run_id for r in slow]            # oldest first, both
+    ids = {r.info.run_id for r in fast}
+    assert finished[1].info.run_id not in ids and finished[0].info.run_id in ids
+    assert math.isnan(next(r for r in fast if r.info.run_id == finished[0].info.run_id).data.metrics["diverged"])
+    assert all(len(r.data.params) > 50 and r.data.metric_time > 0 for r in fast if r.info.status == "FINISHED"
+               and r.data.tags.get("mimsweep.kind") == "point")
+
+    chosen = {"mimsweep.kind": "point", "mimsweep.sweep": "mcm_recon_range"}
+    picked = bulk.runs(c, list(experiments), chosen)
+    assert _as_plain(picked) == _as_plain(bulk._runs_search(c, list(experiments), chosen))
+    assert sorted(r.info.run_id for r in picked) == sorted(r.info.run_id for r in points if r.info.run_id in ids
+                                                           and r.data.tags["mimsweep.sweep"] == "mcm_recon_range")
+
+    by_run = bulk.histories(c, sorted(ids), "train_loss")       # a few runs: by run id
+    monkeypatch.setattr(bulk, "SCAN_ABOVE", 1)
+    by_key = bulk.histories(c, sorted(ids)[1:], "train_loss")   # "most of a store": one pass over the key
+    for run_id in ids:
+        want = sorted((m.step, m.value, m.timestamp) for m in c.get_metric_history(run_id, "train_loss"))
+        assert sorted(by_run[run_id]) == want
+        assert sorted(by_key[run_id]) == want if run_id != sorted(ids)[0] else run_id not in by_key
+    assert sum(map(len, by_run.values())) > 0
+
+
 @pytest.fixture(scope="module")
 def browser():
     have = shutil.which("chromium") is not None or shutil.which(CHROMIUM) is not None
