@@ -118,7 +118,8 @@ def write(rep: Report, out_dir: Path) -> list[Path]:
     from reports import figures, table
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = figures.to_png(rep)
+    drawn = figures.save(rep, ("png", "svg"))
+    png = drawn["png"]
     files = {"md": table.to_markdown(rep), "tex": table.to_latex(rep), "csv": table.to_csv(rep),
              "html": table.to_html(rep, png),  # the page embeds the PNG: it can be mailed on its own
              "agreement.csv": agreement_csv(rep)}
@@ -127,7 +128,7 @@ def write(rep: Report, out_dir: Path) -> list[Path]:
         p = out_dir / (f"{rep.name}.{ext}" if "." not in ext else f"{rep.name}_{ext}")
         p.write_text(text, encoding="utf-8")
         paths.append(p)
-    for ext, data in (("png", png), ("svg", figures.to_svg(rep))):
+    for ext, data in drawn.items():
         p = out_dir / f"{rep.name}.{ext}"
         p.write_bytes(data)
         paths.append(p)

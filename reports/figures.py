@@ -174,19 +174,24 @@ def draw(ax, p: Panel) -> None:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
 
 
-def _save(report: table.Report, fmt: str) -> bytes:
-    buf = io.BytesIO()
+def save(report: table.Report, formats: tuple[str, ...] = ("png", "svg")) -> dict[str, bytes]:
+    """The figure in each format ({format: file bytes}), drawn once. The SVG carries no date: the same report
+    gives the same file."""
     fig = figure(report)
-    fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
-    return buf.getvalue()
+    out = {}
+    for fmt in formats:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+        out[fmt] = buf.getvalue()
+    return out
 
 
 def to_png(report: table.Report) -> bytes:
-    return _save(report, "png")
+    return save(report, ("png",))["png"]
 
 
 def to_svg(report: table.Report) -> bytes:
-    return _save(report, "svg")
+    return save(report, ("svg",))["svg"]
 
 
 def _json_list(values: list[float]) -> list:
