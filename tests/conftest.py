@@ -32,6 +32,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """MIMSWEEP_TEST_TIMES=file: one JSON line per test (wall and CPU seconds, the CPU of the subprocesses it
+    waited for included, its worker), to find what makes the suite long on a 2-core machine."""
+    path = os.environ.get("MIMSWEEP_TEST_TIMES")
+    if not path:
+        yield
+        return
+    import json
+    import resource
+    import time
+
+    def cpu():
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+    t0, (c0, k0) = time.time(), cpu()
+    yield
+    c1, k1 = cpu()
+    with open(path, "a") as f:
+        f.write(json.dumps({"test": item.nodeid, "start": t0, "wall": time.time() - t0, "cpu": c1 - c0,
+                            "children_cpu": k1 - k0, "worker": os.environ.get("PYTEST_XDIST_WORKER", "-")}) + "\n")
+
+
 @pytest.fixture(scope="session")
 def compose():
     """compose(*overrides) -> resolved point config, through Hydra's compose API."""
@@ -60,6 +84,13 @@ def run_cli(*args: str, cwd=REPO, env=None, timeout=600) -> subprocess.Completed
     full_env.pop("MLFLOW_TRACKING_URI", None) if env is None or "MLFLOW_TRACKING_URI" not in env else None
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def queued_jobs(under) -> set:
+    """Ids of the queued SLURM jobs whose output file lies below `under` (the tests on other xdist workers
+    submit jobs of their own meanwhile, so a test asks only about its own folder)."""
+    out = subprocess.run(["squeue", "-h", "-O", "ArrayJobID:20,StdOut:1000"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if f" {under}/" in line}
 
 
 @pytest.fixture(autouse=True)

@@ -25,17 +25,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, queued_jobs, run_cli
 
 # reuse=experiment: the session's MLflow server is shared by many tests, and a launch would otherwise evaluate
 # another test's finished pre-training of the same config instead of training its own (core/tracking/identity.py).
 SMALL = ["cluster=slurm", "cluster.cpus_per_task=1", "cluster.mem_gb=2", "cluster.time_min=20", "reuse=experiment"]
 SECRET = "s3cr3t-Pa55-7f1d"
 NL = "\n"
-
-
-def _job_ids() -> set:
-    return set(subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True).stdout.split())
 
 
 def _launch_in_process(compose, overrides):
@@ -74,14 +70,13 @@ def test_injection_through_every_key_is_refused_before_anything(compose, slurm_c
     overrides = [*TINY, *SMALL, f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}",
                  f"output_root={tmp_path / 'out'}"]
     overrides += _injections(marker)[key]
-    before = _job_ids()
     with pytest.raises(ConfigError) as err:
         _launch_in_process(compose, overrides)
     assert str(err.value).startswith(f"{key}="), str(err.value)
     assert key == "cluster.time_min" or "control character '\\n'" in str(err.value), str(err.value)
     time.sleep(1)
     assert not marker.exists()                                    # the command never ran
-    assert _job_ids() <= before                                   # nothing submitted
+    assert not queued_jobs(tmp_path)                              # nothing submitted
     assert not (tmp_path / "out").exists()                        # no folder, no SQLite store
     assert MlflowClient(mlflow_server).get_experiment_by_name(exp) is None  # no experiment, no run
 
@@ -136,11 +131,10 @@ def test_cluster_group_is_checked_before_anything_is_created(compose, tmp_path, 
 
 def test_test_only_runs_before_any_run_exists(slurm_cluster, compose, tmp_path):
     from core.config import ConfigError
-    before = _job_ids()
     with pytest.raises(ConfigError, match="the scheduler rejects this resource request") as err:
         _launch_in_process(compose, [*TINY, *SMALL, "cluster.mem_gb=100000", f"output_root={tmp_path / 'out'}"])
     assert "cluster.mem_gb" in str(err.value)
-    assert not (tmp_path / "out").exists() and _job_ids() <= before
+    assert not (tmp_path / "out").exists() and not queued_jobs(tmp_path)
 
 
 def test_sbatch_failing_after_runs_were_created_marks_them_failed(slurm_cluster, tmp_path):

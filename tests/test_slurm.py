@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import FAILING_POINTS, TINY, run_cli
+from tests.conftest import FAILING_POINTS, TINY, queued_jobs, run_cli
 
 pytestmark = pytest.mark.slurm
 # 2 cores here: one CPU and a little memory per task lets two tasks run side by side.
@@ -46,10 +46,6 @@ def _release_requeued():
         jid, _, reason = line.partition(" ")
         if reason.strip() == "BeginTime":
             subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], capture_output=True)
-
-
-def _job_ids() -> set:
-    return set(subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True).stdout.split())
 
 
 def _queued_ids(stdout):
@@ -140,14 +136,13 @@ def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_se
 
 
 def test_dry_run_prints_the_array_script_and_submits_nothing(slurm_cluster, tmp_path):
-    before = _job_ids()
     res = run_cli("sweeps/run.py", "sweep=mcm_decoder_depth", "preset=smoke", *SMALL, "cluster.array_parallelism=2",
                   "dry_run=true", f"output_root={tmp_path}")
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --array=0-3%2" in res.stdout
     assert "#SBATCH --signal=B:USR2@120" in res.stdout and "-m cluster.task" in res.stdout
     assert "1 sbatch call(s) for 4 point(s)" in res.stdout
-    assert _job_ids() <= before                              # no new job (earlier ones may have ended)
+    assert not queued_jobs(tmp_path)                            # no job of this launch
 
 
 def test_separate_evaluation_array_is_chained_per_task(slurm_cluster, tmp_path):
@@ -163,12 +158,11 @@ def test_separate_evaluation_array_is_chained_per_task(slurm_cluster, tmp_path):
     ("cluster.mem_gb=100000", "the scheduler rejects this resource request"),
 ])
 def test_impossible_requests_are_refused_before_submission(slurm_cluster, tmp_path, override, message):
-    before = _job_ids()
     res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", *SMALL, override,
                   f"output_root={tmp_path}")
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
-    assert _job_ids() <= before                              # no new job (earlier ones may have ended)
+    assert not queued_jobs(tmp_path)                            # no job of this launch
 
 
 def test_missing_sbatch_is_refused(tmp_path):
