@@ -3,6 +3,7 @@
     python cluster/status.py sweep=mcm_mask_ratio [preset=...] [other overrides of the launch]
     python cluster/status.py sweep=mcm_mask_ratio --tail 75%        # last lines of that point's log
     python cluster/status.py sweep=mcm_mask_ratio --cancel 75%      # scancel one point (or: all)
+    python cluster/status.py sweep=mcm_mask_ratio --watch [--every 5]  # refresh until nothing is queued or running
 
 The overrides select the same grid as the launch did (the signatures must match), as for reports.
 """
@@ -109,13 +110,94 @@ def cancel(rows, label: str, uri: str, wait_s: float = 120) -> None:
             tracking.set_status(c, run.info.run_id, "KILLED", "cancelled by the user")
 
 
+# ---- --watch: a loop around gather + show, plus the running points' progress ---------------------------
+
+def active(row) -> bool:
+    """A point still queued or running: its run, or one of its SLURM tasks."""
+    from cluster.slurm import ACTIVE
+    _, run, _, states = row
+    return bool(run and run.info.status in ("RUNNING", "SCHEDULED")) or any(s in ACTIVE for s in states)
+
+
+def launching(uri: str, experiment: str, sweep: str) -> str | None:
+    """The id of a launch of this sweep still running, if any: a local launch creates some point runs only as
+    their jobs start, so no queued run or SLURM task stands for them yet. A launch run of this host whose
+    process is gone (killed with -9) does not count; the next launch marks it FAILED."""
+    import os
+    import socket
+
+    from cluster.launch import check_tracking
+    from core import tracking
+    c = check_tracking(uri, create=False)  # never creates a store
+    exp = c.get_experiment_by_name(experiment) if c is not None else None
+    if exp is None:
+        return None
+    for r in c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG}kind` = 'launch' and "
+                           f"tags.`{tracking.TAG}sweep` = '{sweep}' and attributes.status = 'RUNNING'"):
+        tags = r.data.tags
+        if tags.get(tracking.TAG + "host") == socket.gethostname() and tags.get(tracking.TAG + "pid", "").isdigit():
+            try:
+                os.kill(int(tags[tracking.TAG + "pid"]), 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                pass  # someone else's live process
+        return r.info.run_id
+    return None
+
+
+def show_live(rows, uri: str, file=sys.stdout) -> None:
+    """Step, loss, rate and time left of each running point, from its train_loss history (cluster/progress.py)."""
+    from cluster import progress
+    from core import tracking
+    running = [(pl, run) for pl, run, _, _ in rows if run and run.info.status == "RUNNING"]
+    if not running:
+        return
+    hist = progress.histories(tracking.client(uri), [run.info.run_id for _, run in running])
+    print(f"  running: {'point':22s} {'seed':>4s} {'step':>7s} {'done':>5s} {'loss':>8s} {'steps/s':>7s} "
+          f"{'ETA (pre-training)':>18s}", file=file)
+    for pl, run in running:
+        p = progress.progress_of(run, hist.get(run.info.run_id, []))
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"           {pl.point.label:22s} {pl.point.seed:>4d} {fmt(p.step, 'd'):>7s} "
+              f"{'-' if p.fraction is None else f'{100 * p.fraction:.0f}%':>5s} {fmt(p.loss, '.4f'):>8s} "
+              f"{fmt(p.steps_per_s, '.2f'):>7s} {progress.fmt_duration(p.eta_s):>18s}", file=file)
+
+
+def watch(cfg, overrides: list[str], every: float = 5.0, file=sys.stdout) -> int:
+    """Refresh the table every `every` seconds until no point is queued or running (Ctrl-C stops it too)."""
+    clear = "\033[H\033[2J" if file.isatty() else ""
+    try:
+        while True:
+            name, rows, uri = gather(cfg, overrides)
+            print(clear + time.strftime("%H:%M:%S"), file=file)
+            show(name, rows, uri)
+            show_live(rows, uri, file)
+            if not any(active(r) for r in rows):
+                parent = launching(uri, cfg.tracking.experiment or name, name)
+                if parent is None:
+                    print(f"nothing queued or running in sweep {name}: done watching", file=file)
+                    return 0
+                print(f"  the launch (run {parent[:8]}) is still running: its next points start later", file=file)
+            file.flush()
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="sweep=NAME and the launch's other overrides")
     ap.add_argument("--tail", metavar="LABEL", help="print the end of this point's SLURM logs (or: all)")
     ap.add_argument("--cancel", metavar="LABEL", help="scancel this point's jobs and mark its run KILLED (or: all)")
     ap.add_argument("--lines", type=int, default=30)
+    ap.add_argument("--watch", action="store_true", help="refresh the table, with step / loss / ETA of each "
+                                                         "running point, until nothing is queued or running")
+    ap.add_argument("--every", type=float, default=5.0, metavar="SECONDS", help="--watch's refresh interval")
     args = ap.parse_args(argv)
+    if args.every <= 0:
+        print(f"error: --every={args.every} must be a positive number of seconds", file=sys.stderr)
+        return 2
     if not any(o.startswith("sweep=") for o in args.overrides):
         print("error: give sweep=NAME", file=sys.stderr)
         return 2
@@ -127,6 +209,8 @@ def main(argv: list[str]) -> int:
             tail(rows, args.tail, cfg, args.lines)
         elif args.cancel:
             cancel(rows, args.cancel, uri)
+        elif args.watch:
+            return watch(cfg, args.overrides, args.every)
         else:
             show(name, rows, uri)
     except ConfigError as e:

@@ -3,9 +3,12 @@
 Give it the same overrides as the launch (`sweeps/run.py`): it composes the grid exactly as the launcher
 does (sweeps/plan.py), so the points' signatures pick out the runs of *that* launch (a smoke
 rehearsal and the real sweep share an experiment but not their signatures). Results are read from
-MLflow only, never from job folders: one paged search of the sweep's experiment, FINISHED point runs of
-the planned signatures. It prints the Markdown table and writes <sweep>.{md,tex,csv,html,png} under
-`report_dir` (default <output_root>/reports/<sweep>).
+MLflow only, never from job folders: the sweep's point runs in its experiment (core/tracking/bulk.py), FINISHED
+point runs of the planned signatures. It prints the Markdown table and writes <sweep>.{md,tex,csv,html,png,svg} and
+<sweep>_agreement.csv under `report_dir` (default <output_root>/reports/<sweep>).
+
+`python reports/build.py --site [--output-root DIR | --uri URI] [--out DIR] [--ui URL]` builds instead one
+static site over every sweep of the store (reports/site.py).
 
 Exit codes: 0 = report written (possibly with missing points, footnoted); 1 = nothing to report (no
 store, no experiment, or no finished run of the plan), nothing written; 2 = a config mistake.
@@ -25,7 +28,6 @@ from reports.table import Report  # noqa: E402
 
 EXIT = {"code": 0}  # hydra.main drops the task's return value, so the exit code travels through here
 REPORT_ONLY = ("report_dir",)  # overrides of this script that the launcher must not be given back
-VARIES = "varies"  # a caption value that differs between the points (it is what the sweep sweeps)
 
 
 class NothingToReport(Exception):
@@ -56,51 +58,11 @@ def tracking_uri(cfg: DictConfig) -> str:
     return tracking.resolve_uri(cfg.tracking.uri, cfg.output_root)
 
 
-def devices(params: dict, evaluation: bool) -> int:
-    """Devices one task of this run held: the SLURM profile's GPUs per task (`cluster.eval.*` for an
-    evaluation task), 1 for a CPU job or a local run."""
-    if params.get("cluster.backend") != "slurm":
-        return 1
-    try:
-        return max(int(float(params.get("cluster.eval.gpus_per_task" if evaluation else "cluster.gpus_per_task")
-                             or 0)), 1)
-    except ValueError:  # "None": no GPUs asked for
-        return 1
-
-
-def run_device_h(metrics: dict, params: dict, evaluation_only: bool) -> float:
-    """A run's own cost in device-hours: its wall time x devices per task. A run that evaluates another's
-    pre-training costs its evaluation task; a pre-training task of its own (`pretrain_job_wall_s`, then an
-    evaluation task's `wall_s`) counts both. NaN without a wall time (runs of old versions)."""
-    wall = metrics.get("wall_s", float("nan"))
-    if evaluation_only:
-        return wall * devices(params, True) / 3600
-    if "pretrain_job_wall_s" in metrics:  # pre-training and evaluation were separate tasks
-        return (metrics["pretrain_job_wall_s"] * devices(params, False) + wall * devices(params, True)) / 3600
-    return wall * devices(params, False) / 3600
-
-
-def cost_basis(params: list[dict]) -> str:
-    """The caption's word on what a device is, from the runs' cluster profiles."""
-    said = []
-    for pr in params:
-        if pr.get("cluster.backend") != "slurm":
-            text = "1 per local run"
-        else:
-            g = devices(pr, False)
-            text = f"{g} GPU(s) per SLURM task" if str(pr.get("cluster.gpus_per_task")) not in ("0", "None") \
-                else "1 per SLURM CPU job"
-        if text not in said:
-            said.append(text)
-    return "; ".join(said)
-
-
 def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFrame:
     """One row per FINISHED point run of the plan (matched as a launch matches them: sweeps/plan.py match):
-    label, seed, signature, run_id and the latest value of every metric (a run that only evaluated another's
-    pre-training also gets that run's metrics it lacks), its own `device_h`, and for such a run `pretrained_by`
-    and the trainer's `pretrain_device_h`; `attrs["cost_basis"]` says what a device is. Raises NothingToReport
-    if the experiment is missing."""
+    reports/runs.py row_of (label, seed, run_id, the latest value of every metric, test_images, device_h,
+    ...) and its signature; `attrs["cost_basis"]` says what a device is, `attrs["smoke"]` whether the runs
+    are a preset=smoke rehearsal. Raises NothingToReport if the experiment is missing."""
     from core import tracking
 
     c = tracking.client(uri)
@@ -112,97 +74,78 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
     if exp is None or exp.lifecycle_stage == "deleted":  # never create or restore it: we only read
         raise NothingToReport(f"no experiment '{experiment}' in the MLflow store {tracking.redact(uri)}.")
     from sweeps.plan import match
-    points = tracking.point_runs(c, exp.experiment_id, sweep)   # one paged search for the sweep's tag
+    from core.tracking import bulk
+    points = bulk.runs(c, [exp.experiment_id], {tracking.TAG + "kind": "point", tracking.TAG + "sweep": sweep})
     found = match(planned, points)                                 # the identity rules (core/tracking/identity.py)
     used = {run.info.run_id for run in found.values() if run.info.status == tracking.FINISHED}
     others = len({r.info.run_id for r in points if r.info.status == tracking.FINISHED} - used)
-    rows, trainers, params = [], {}, []
+    from reports import runs as read
+    rows, trainers, params, smoke = [], {}, [], False
     for pl in planned:
         run = found.get(id(pl))
         if run is None or run.info.status != tracking.FINISHED:
             continue
-        metrics = dict(run.data.metrics)
-        by = run.data.tags.get(tracking.TAG + "pretrained_by")
-        cost = {"device_h": run_device_h(metrics, run.data.params, bool(by))}
         params.append(run.data.params)
-        if by:  # evaluation only: the pre-training's own figures (pretrain_wall_s, epoch_s, ...) are its trainer's
-            if by not in trainers:
-                try:
-                    t = c.get_run(by).data
-                    trainers[by] = (t.metrics, run_device_h(t.metrics, t.params, False), t.params)
-                except Exception:  # noqa: BLE001 - a deleted trainer run: its evaluation still counts
-                    trainers[by] = ({}, float("nan"), {})
+        smoke |= read.is_smoke(run.data.params)
+        by = run.data.tags.get(tracking.TAG + "pretrained_by")
+        if by and by not in trainers:
+            try:
+                t = c.get_run(by).data
+                trainers[by] = (t.metrics, read.run_device_h(t.metrics, t.params, False), t.params)
+            except Exception:  # noqa: BLE001 - a deleted trainer run: its evaluation still counts
+                trainers[by] = ({}, float("nan"), {})
+        if by:
             params.append(trainers[by][2])
-            cost.update(pretrained_by=by, pretrain_device_h=trainers[by][1])
-            metrics = {**trainers[by][0], **metrics}
-        rows.append({"label": pl.point.label, "seed": pl.point.seed, "signature": pl.signature,
-                     "run_id": run.info.run_id, **metrics, **cost})
+        rows.append({**read.row_of(run, pl.point.label, pl.point.seed, trainers[by][:2] if by else None),
+                     "signature": pl.signature})
     runs = pd.DataFrame(rows, columns=["label", "seed", "signature", "run_id"] if not rows else None)
     runs.attrs["other_finished"] = others
-    runs.attrs["cost_basis"] = cost_basis(params)
+    runs.attrs["cost_basis"] = read.cost_basis(params)
+    runs.attrs["smoke"] = smoke  # one rehearsal run among them makes the table no result
     return runs
 
 
 def describe(planned: list) -> str:
-    """One line saying what "ours" is, from the composed configs; what differs between points is the
-    swept setting and is said to vary rather than quoting the first point's value."""
-    from omegaconf import OmegaConf
-
-    def value(key: str):
-        vals = {str(OmegaConf.select(pl.cfg, key)) for pl in planned}
-        return vals.pop() if len(vals) == 1 else VARIES
-
-    n_train, n_test = value("data.train_limit"), value("data.test_limit")
-    steps, scale = value("pretrain.max_steps"), value("pretrain.epochs_scale")
-    parts = [
-        f"{value('model.name')} (depth {value('model.depth')}, width {value('model.embed_dim')}, "
-        f"patch {value('model.patch_size')}, {value('model.input_size')} px)",
-        f"method {value('method.name')}",
-        f"{value('data.name')} ({'all' if n_train == 'None' else n_train} train / "
-        f"{'all' if n_test == 'None' else n_test} test images)",
-        ("epochs swept" if value("pretrain.epochs") == VARIES else f"{value('pretrain.epochs')} epoch(s)")
-        + {"None": "", VARIES: " x a per-point pretrain.epochs_scale"}.get(scale, f" x {scale}")
-        + ("" if steps == "None" else f", at most {steps} steps")
-        + f", batch {value('pretrain.batch_size')}",
-    ]
+    """What "ours" is, from the composed configs of the plan (reports/runs.py describe)."""
     from core import methods
-    if any(methods.uses_teacher(pl.cfg) for pl in planned):
-        parts.append(f"teacher {value('teacher.model')} ({value('teacher.pretrained')})")
-    parts.append(f"target {value('method.target')}")
-    recipes = sorted({str(r) for pl in planned if (r := OmegaConf.select(pl.cfg, "recipe.name"))})
-    parts.append("recipe: " + ("; ".join(recipes) + " (sweeps/conf/recipe/)" if recipes
-                               else "none (a paper's recipe runs with preset=paper)"))
-    if value("task") == "flops":
-        del parts[2:4]  # no data is read and nothing is trained
-        parts.append("FLOPs per image of the transformer blocks, counted by torch's FlopCounterMode, beside "
-                     "the paper's cost model")
-    else:
-        parts.append(f"k-NN / linear: top-1 % on frozen {value('evaluate.pool')}-pooled features "
-                     f"(k-NN k={value('evaluate.knn.k')}, linear probe {value('evaluate.linear.epochs')} ep)")
-        protocols = {p for pl in planned for p in (OmegaConf.select(pl.cfg, "evaluate.protocols") or [])}
-        if "finetune" in protocols:
-            parts.append(f"fine-tune: {value('evaluate.finetune.epochs')} ep end to end, "
-                         f"{value('evaluate.finetune.pool')} pool")
-        if "seg_linear" in protocols:
-            parts.append(f"seg. mIoU: 1x1-conv probe on frozen block {value('evaluate.seg_linear.layer')} features")
-    return "; ".join(parts) + "."
+    from reports import runs
+    return runs.describe([runs.as_params(pl.cfg) for pl in planned],
+                         uses_teacher=any(methods.uses_teacher(pl.cfg) for pl in planned), recipe_known=True)
 
 
 def write(rep: Report, out_dir: Path) -> list[Path]:
-    from reports import table
+    """<name>.{md,tex,csv,html,png,svg} and <name>_agreement.csv under out_dir."""
+    from reports import figures, table
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = table.plot(rep)
+    drawn = figures.save(rep, ("png", "svg"))
+    png = drawn["png"]
     files = {"md": table.to_markdown(rep), "tex": table.to_latex(rep), "csv": table.to_csv(rep),
-             "html": table.to_html(rep, png)}  # the page embeds the PNG: it can be mailed on its own
+             "html": table.to_html(rep, png),  # the page embeds the PNG: it can be mailed on its own
+             "agreement.csv": agreement_csv(rep)}
     paths = []
     for ext, text in files.items():
-        p = out_dir / f"{rep.name}.{ext}"
+        p = out_dir / (f"{rep.name}.{ext}" if "." not in ext else f"{rep.name}_{ext}")
         p.write_text(text, encoding="utf-8")
         paths.append(p)
-    p = out_dir / f"{rep.name}.png"
-    p.write_bytes(png)
-    return paths + [p]
+    for ext, data in drawn.items():
+        p = out_dir / f"{rep.name}.{ext}"
+        p.write_bytes(data)
+        paths.append(p)
+    return paths
+
+
+def agreement_csv(rep: Report) -> str:
+    """One row per (paper column, our metric): the numbers behind the verdict."""
+    rows = [{"paper_column": a.column, "metric": a.metric, "stand_in": a.stand_in, "shared_rows": len(a.rows),
+             "paper_best": " = ".join(a.paper_best), "our_best": " = ".join(a.our_best),
+             "tau": "" if a.tau != a.tau else round(a.tau, 4),
+             "paper_trend_tau": "" if a.paper_trend != a.paper_trend else round(a.paper_trend, 4),
+             "our_trend_tau": "" if a.our_trend != a.our_trend else round(a.our_trend, 4),
+             "within_noise_of_our_best": " ; ".join(a.tied), "verdict": a.line()} for a in rep.agreements]
+    columns = ["paper_column", "metric", "stand_in", "shared_rows", "paper_best", "our_best", "tau",
+               "paper_trend_tau", "our_trend_tau", "within_noise_of_our_best", "verdict"]
+    return pd.DataFrame(rows, columns=columns).to_csv(index=False, lineterminator="\n")
 
 
 def report(cfg: DictConfig, task_overrides: list[str]) -> int:
@@ -242,7 +185,8 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
     agg = table.aggregate(runs, labels, metrics=list(table.metrics_of(spec, have)))
     try:
         rep = table.build(agg, spec, caption=describe(planned), missing=len(planned) - len(runs),
-                          expected=len(planned), run_command=command, cost_basis=runs.attrs.get("cost_basis", ""))
+                          expected=len(planned), run_command=command, cost_basis=runs.attrs.get("cost_basis", ""),
+                          smoke=runs.attrs.get("smoke", False))
     except ValueError as e:  # a malformed report block in the spec
         print(f"error: sweeps/conf/sweep/{name}.yaml: {e}", file=sys.stderr)
         return 2
@@ -250,7 +194,7 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
     out_dir = Path(cfg.get("report_dir") or Path(cfg.output_root) / "reports" / name)
     write(rep, out_dir)
     print(f"{len(runs)}/{len(planned)} point(s) from experiment '{experiment}' at {tracking.redact(uri)}; wrote "
-          f"{out_dir}/{name}.{{md,tex,csv,html,png}}", file=sys.stderr)
+          f"{out_dir}/{name}.{{md,tex,csv,html,png,svg}} and {name}_agreement.csv", file=sys.stderr)
     return 0
 
 
@@ -266,6 +210,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if "--site" in sys.argv[1:] or sys.argv[1:2] == ["site"]:  # the site over every sweep of a store
+        from reports import site
+        sys.exit(site.main([a for a in sys.argv[1:] if a not in ("--site", "site")]))
     sys.argv.insert(1, SEARCHPATH)
     main()
     sys.exit(EXIT["code"])

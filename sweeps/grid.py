@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from omegaconf import OmegaConf
 
 
+def override_key(o: str) -> str:
+    """The config key a Hydra override sets: `+a.b=1` -> `a.b`."""
+    return o.split("=", 1)[0].lstrip("+~")
+
+
 @dataclass
 class Point:
     label: str                      # the report's row, e.g. "75%" or "teacher via channel"

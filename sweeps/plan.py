@@ -19,7 +19,7 @@ from core import tracking
 from core import methods
 from core.tracking import identity
 from core.config import SEARCHPATH, ConfigError
-from sweeps.grid import Point, expand
+from sweeps.grid import Point, expand, override_key
 
 
 @dataclass
@@ -62,10 +62,6 @@ class Planned:
         if self.phase == "evaluate":
             tags.update(pretrained_by=self.pretrained_by, pretrained_checkpoint=self.checkpoint)
         return tags
-
-
-def override_key(o: str) -> str:
-    return o.split("=", 1)[0].lstrip("+~")
 
 
 def merge_overrides(*lists: list[str]) -> list[str]:

@@ -27,10 +27,11 @@ LAYERS = [                                                   # bottom first
     ["core.job"],                                            # one point end to end, and its validation
     ["sweeps.grid"],                                         # a sweep spec -> grid points
     ["sweeps.plan"],                                         # what each point of a launch does
-    ["cluster.backend", "cluster.checks", "cluster.snapshot", "cluster.estimate"],  # the backend interface, helpers
+    ["cluster.backend", "cluster.checks", "cluster.snapshot", "cluster.estimate", "cluster.progress"],  # the backend interface, its helpers, a run's progress
     ["cluster.local", "cluster.slurm", "cluster.task"],      # the backends, and a SLURM task's entry
     ["cluster.launch"],                                      # plan, create runs, hand them to a backend
-    ["sweeps.run", "cluster.status", "reports", "bench", "core.assets"],  # entry points and scripts
+    ["sweeps.run", "cluster.status", "reports", "core.assets"],  # entry points and scripts
+    ["bench"],                                               # measurements of any of the above
 ]
 
 

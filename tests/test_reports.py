@@ -1,4 +1,5 @@
-"""reports/table.py on synthetic runs: aggregation, bolding, default/missing/reference rows, formats."""
+"""reports/table.py and reports/figures.py on synthetic runs: aggregation, intervals, best and ties,
+default/missing/reference rows, the agreement with the paper, floor and smoke warnings, formats, figures."""
 import io
 import math
 import os
@@ -7,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from reports import table
+from reports import figures, table
 
 MASK_SPEC = {
     "name": "mcm_mask_ratio",
@@ -91,26 +92,64 @@ def test_aggregate_of_no_runs_is_all_missing():
     assert agg["knn_top1_mean"].isna().all()
 
 
-def test_markdown_bolds_best_per_column_ours_and_paper():
+def test_markdown_marks_ties_within_noise_and_bolds_the_paper_best():
     rows = md_rows(table.to_markdown(mask_report()))
     knn, linear, floor_knn, floor_linear, n, paper_ft, paper_apb = range(7)
-    assert rows["80%"][knn] == "**50.00**"
-    assert rows["75% (default)"][knn] == "42.00 ± 2.83"
-    assert rows["60%"][linear] == "**30.00**"
+    # 75% has two seeds (40, 44): its t-interval 42 ± 25.4 holds 80%'s 50, so 80% is best but not beyond noise
+    assert rows["80%"][knn] == "50.00†"
+    assert rows["75% (default)"][knn] == "42.00 ± 2.83†"
+    assert rows["60%"][knn] == "40.00"            # one run, no test-set size: no interval, outside 75%'s
+    assert rows["60%"][linear] == "30.00†" and rows["75% (default)"][linear] == "21.00 ± 1.41†"
+    assert rows["80%"][linear] == "25.00"
     assert rows["80%"][paper_ft] == "**84.87**"
     assert rows["75% (default)"][paper_apb] == "**45.26**"
     assert rows["60%"][paper_ft] == "83.94"
-    # floors are identical in every row: nothing stands out, so nothing is bold
-    assert all("**" not in r[floor_knn] and "**" not in r[floor_linear] for r in rows.values())
+    # floors are never marked
+    assert all("**" not in r[floor_knn] and "†" not in r[floor_linear] for r in rows.values())
     assert rows["75% (default)"][n] == "2" and rows["80%"][n] == "1"
 
 
-def test_bold_ties_at_displayed_precision():
+def one_seed(values: dict, test_images=2000):
+    runs = pd.DataFrame([{"label": k, "knn_top1": v, "linear_top1": v, "test_images": test_images}
+                         for k, v in values.items()])
+    spec = {"name": "x", "title": "x", "report": {"row_title": "r"}}
+    return table.build(table.aggregate(runs, list(values), metrics=["knn_top1", "linear_top1"]), spec)
+
+
+def test_best_is_bold_only_outside_the_others_binomial_intervals():
+    # 2,000 test images: Wilson 95 % of 50 % is [47.8, 52.2], of 49 % [46.8, 51.2], of 45 % [42.8, 47.2]
+    rep = one_seed({"a": 50.0, "b": 40.0, "c": 49.0})
+    bold, tie = table.marks(rep)
+    assert not bold["knn_top1_mean"].any()
+    assert tie["knn_top1_mean"].tolist() == [True, False, True]         # a and c: not distinguishable
+    rep = one_seed({"a": 50.0, "b": 40.0, "c": 45.0})
+    bold, tie = table.marks(rep)
+    assert bold["knn_top1_mean"].tolist() == [True, False, False] and not tie["knn_top1_mean"].any()
+    assert md_rows(table.to_markdown(rep))["a"][0] == "**50.00**"
+    # 200 test images: 50 % is [43.1, 56.9]: the same 45 % is within noise now
+    rep = one_seed({"a": 50.0, "b": 40.0, "c": 45.0}, test_images=200)
+    assert table.marks(rep)[1]["knn_top1_mean"].tolist() == [True, False, True]
+    assert "Wilson score interval on its test images (200)" in table.to_markdown(rep)
+
+
+def test_intervals_from_seeds_and_from_the_test_set():
+    runs = pd.DataFrame([{"label": "a", "knn_top1": 40.0, "test_images": 2000},
+                         {"label": "a", "knn_top1": 44.0, "test_images": 2000},
+                         {"label": "b", "knn_top1": 72.55, "test_images": 2000},
+                         {"label": "c", "epoch_s": 3.0}])
+    agg = table.aggregate(runs, ["a", "b", "c"], metrics=["knn_top1", "epoch_s"])
+    assert agg.at["a", "knn_top1_lo"] == pytest.approx(42 - 25.412, abs=1e-2)   # t(0.975, 1) * sqrt(8) / sqrt(2)
+    assert agg.at["b", "knn_top1_lo"] == pytest.approx(70.552, abs=2e-3)         # Wilson, 2,000 images
+    assert math.isnan(agg.at["c", "epoch_s_lo"])                                  # one run of a time: unknown
+
+
+def test_ties_at_displayed_precision_are_marked_not_bold():
     runs = pd.DataFrame([run("60%", 0, 50.001, 1.0), run("75%", 0, 49.999, 2.0), run("80%", 0, 10.0, 3.0)])
     rep = table.build(table.aggregate(runs, ["60%", "75%", "80%"]), MASK_SPEC)
-    is_best = table.best(rep)
-    assert is_best.loc[["60%", "75%", "80%"], "knn_top1_mean"].tolist() == [True, True, False]
-    assert is_best.loc[["60%", "75%", "80%"], "linear_top1_mean"].tolist() == [False, False, True]
+    bold, tie = table.marks(rep)
+    assert tie.loc[["60%", "75%", "80%"], "knn_top1_mean"].tolist() == [True, True, False]
+    assert not bold["knn_top1_mean"].any()
+    assert bold.loc[["60%", "75%", "80%"], "linear_top1_mean"].tolist() == [False, False, True]
 
 
 def test_default_row_is_marked_in_every_format():
@@ -177,24 +216,33 @@ def test_latex_is_booktabs_and_escaped():
     assert "\\begin{tabular}{lrrrrrrr}" in tex  # label + 4 metrics + n + 2 paper columns
     assert "\\multicolumn{5}{c}{ours} & \\multicolumn{2}{c}{paper}" in tex
     assert "mask ratio $\\gamma$ &" in tex
-    assert "80\\% & \\textbf{50.00} &" in tex
-    assert "42.00 $\\pm$ 2.83" in tex
+    assert "80\\% & 50.00$^\\dagger$ &" in tex
+    assert "42.00 $\\pm$ 2.83$^\\dagger$" in tex
     assert "90\\% & -- & -- & -- & -- & 0 &" in tex
     assert "sweep=mcm\\_mask\\_ratio" in tex
     assert "±" not in tex and "γ" not in tex and "–" not in tex  # plain pdflatex needs none of these
 
 
-def test_csv_round_trips_numbers():
-    rep = mask_report()
-    back = pd.read_csv(io.StringIO(table.to_csv(rep)), index_col="label")
+def test_csv_holds_the_values_as_displayed_once_each():
+    runs = mask_runs()
+    runs.loc[0, "knn_top1"] = 78.0999984741211       # a float32 value as MLflow hands it back
+    rep = table.build(table.aggregate(runs, LABELS), MASK_SPEC, missing=1, expected=5)
+    text = table.to_csv(rep)
+    back = pd.read_csv(io.StringIO(text), index_col="label")
     assert list(back.index) == ["60%", "75%", "80%", "90%"]
-    assert back.at["75%", "knn_top1_mean"] == 42.0
-    assert back.at["75%", "knn_top1_std"] == math.sqrt(8.0)  # full precision, not the displayed 2.83
+    assert "78.10," in text and "78.0999" not in text
+    assert back.at["75%", "knn_top1"] == 42.0
+    assert back.at["75%", "knn_top1_std"] == 2.83    # as displayed, not 2.8284271247461903
+    assert back.at["75%", "knn_top1_ci95_lo"] == pytest.approx(16.59) and back.at["75%", "knn_top1_ci95_hi"] == 67.41
     assert back.at["80%", "paper: IN-1k FT top-1"] == 84.87
     assert back["n"].tolist() == [1, 2, 1, 0]
-    assert math.isnan(back.at["90%", "knn_top1_mean"])
-    for col in rep.frame.columns:
-        pd.testing.assert_series_equal(back[col].astype(float), rep.frame[col].astype(float), check_names=False)
+    assert math.isnan(back.at["90%", "knn_top1"])
+    header = text.splitlines()[0].split(",")
+    assert len(header) == len(set(header))
+    # no two columns hold the same values under two names (the redundant linear view is not repeated)
+    views = table.aggregate(runs.assign(**{"linear_top1/l4/mean": runs["linear_top1"]}), LABELS,
+                            metrics=[*table.METRICS, "linear_top1/l4/mean"])
+    assert "linear_top1/l4/mean" not in table.to_csv(table.build(views, MASK_SPEC))
 
 
 def test_csv_paper_only_rows_have_empty_n():
@@ -207,20 +255,20 @@ def test_csv_paper_only_rows_have_empty_n():
 
 def test_html_is_self_contained_with_plot():
     rep = mask_report()
-    png = table.plot(rep)
+    png = figures.to_png(rep)
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     page = table.to_html(rep, png)
     assert page.startswith("<!doctype html>") and '<meta charset="utf-8">' in page
     assert 'src="data:image/png;base64,iVBORw0KGgo' in page
-    assert '<td class="data row2 col0" ><b>50.00</b></td>' in page
-    assert '<td class="data row1 col0" >42.00 ± 2.83</td>' in page
+    assert '<td class="data row2 col0" >50.00†</td>' in page
+    assert '<td class="data row1 col0" >42.00 ± 2.83†</td>' in page
 
 
 def test_plot_handles_paper_only_rows_and_no_reference():
     spec = {"name": "x", "title": "x", "report": {"row_title": "r"}}
     rep = table.build(table.aggregate(pd.DataFrame([run("a", 0, 1.0, 2.0)]), ["a", "b"]), spec)
     assert rep.paper_columns == []
-    assert table.plot(rep).startswith(b"\x89PNG")
+    assert figures.to_png(rep).startswith(b"\x89PNG")
     md = table.to_markdown(rep)
     assert md.splitlines()[0] == "### x"
     assert "(default)" not in md
@@ -232,6 +280,115 @@ def test_paper_numbers_keep_their_printed_precision():
     rep = table.build(table.aggregate(pd.DataFrame(columns=["label"]), ["8"]), spec)
     rows = md_rows(table.to_markdown(rep))
     assert rows["300"][-1] == "43.0" and rows["1600"][-1] == "**50.5**"
+
+
+COMPARE_SPEC = {"name": "mcm_mask_ratio", "title": "MCM Tab. 2", "report": {
+    "row_title": "γ", "default": "75%", "compare": {"IN-1k FT top-1": "finetune_top1"},
+    "reference": {"columns": ["IN-1k FT top-1", "ADE20K mIoU"],
+                  "rows": {"60%": [83.94, 42.87], "75%": [84.82, 43.03], "80%": [None, 43.1]}}}}
+
+
+def compare_runs():
+    return pd.DataFrame([
+        {"label": "60%", "knn_top1": 50.0, "linear_top1": 60.0, "finetune_top1": 70.0, "device_h": 0.0123},
+        {"label": "75%", "knn_top1": 51.0, "linear_top1": 61.0, "finetune_top1": 72.0, "device_h": 1.5},
+        {"label": "75%", "knn_top1": 53.0, "linear_top1": 61.0, "finetune_top1": 74.0, "device_h": 2.25},
+        {"label": "80%", "knn_top1": 52.0, "linear_top1": 59.0, "finetune_top1": 71.0, "device_h": 1234.5},
+    ])
+
+
+def test_no_delta_across_datasets_only_for_the_same_protocol_on_the_same_data():
+    labels = ["60%", "75%", "80%"]
+    have = ["knn_top1", "linear_top1", "finetune_top1"]
+    agg = table.aggregate(compare_runs(), labels, metrics=list(table.metrics_of(COMPARE_SPEC, have)))
+    other_data = table.build(agg, COMPARE_SPEC)
+    md = table.to_markdown(other_data)
+    assert "Δ" not in md.split("\n\n| ")[1].splitlines()[0]  # no Δ column in the table's header
+    assert "no Δ: the paper measured on other data" in md
+    assert not any(c.startswith(table.DELTA) for c in table.to_csv(other_data).splitlines()[0].split(","))
+    same = {**COMPARE_SPEC, "report": {**COMPARE_SPEC["report"],
+                                       "compare": {"IN-1k FT top-1": {"metric": "finetune_top1", "same_data": True}}}}
+    rep = table.build(agg, same)
+    assert rep.frame.at["60%", "Δ IN-1k FT top-1"] == pytest.approx(70.0 - 83.94)
+    assert md_rows(table.to_markdown(rep))["60%"][-2] == "-13.94"
+    with pytest.raises(ValueError, match=r"report.compare\['IN-1k FT top-1'\]"):
+        table.build(agg, {**same, "report": {**same["report"], "compare": {"IN-1k FT top-1": {"metric": "x", "same": 1}}}})
+
+
+def test_agreement_is_answered_in_every_format():
+    labels = ["60%", "75%", "80%"]
+    have = ["knn_top1", "linear_top1", "finetune_top1"]
+    rep = table.build(table.aggregate(compare_runs(), labels, metrics=list(table.metrics_of(COMPARE_SPEC, have))),
+                      COMPARE_SPEC)
+    # fine-tuning is the counterpart: 60% and 75% are shared rows (the paper has no 80% number)
+    assert [(a.metric, a.stand_in, a.rows) for a in rep.agreements] == [("finetune_top1", False, ["60%", "75%"])]
+    verdict = rep.verdict
+    assert verdict.startswith("IN-1k FT top-1 vs our fine-tune top-1: paper's best 75%, ours 75%; τ = +1.00 over 2 rows")
+    assert f"Verdict: {verdict}" in table.to_markdown(rep)
+    assert html_escape(verdict) in table.to_html(rep)
+    assert table.latex_escape(verdict) in table.to_latex(rep)
+    # without fine-tuning runs, our own metrics stand in, the linear probe first (it trains on the features)
+    rep = table.build(table.aggregate(compare_runs().drop(columns="finetune_top1"), labels), COMPARE_SPEC)
+    assert [(a.metric, a.stand_in) for a in rep.agreements] == [("linear_top1", True), ("knn_top1", True)]
+    assert rep.verdict.startswith("IN-1k FT top-1 vs our linear top-1 (stand-in): ")
+
+
+def html_escape(s):
+    import html
+    return html.escape(s)
+
+
+def floor_and_smoke_report():
+    runs = pd.DataFrame([run("60%", 0, 40.0, 11.0, floor_linear=12.0), run("75%", 0, 41.0, 12.0, floor_linear=12.0),
+                         run("80%", 0, 42.0, 13.0, floor_linear=12.0)])
+    return table.build(table.aggregate(runs, ["60%", "75%", "80%"]), MASK_SPEC, smoke=True)
+
+
+def test_floor_warning_and_smoke_mark_in_every_format():
+    rep = floor_and_smoke_report()
+    assert rep.warnings == ["linear top-1 is at or below its random-init floor at 60% (11.00 ≤ 12.00), "
+                            "75% (12.00 ≤ 12.00)."]
+    md, tex, page = table.to_markdown(rep), table.to_latex(rep), table.to_html(rep)
+    for text in (md, page):
+        assert "warning: linear top-1 is at or below its random-init floor at 60% (11.00 ≤ 12.00)" in text
+        assert "smoke preset: not a result" in text and "SMOKE PRESET: NOT A RESULT" in text
+    assert "warning: linear top-1 is at or below its random-init floor at 60\\% (11.00 $\\leq$ 12.00)" in tex
+    assert "SMOKE PRESET: NOT A RESULT" in tex and "[smoke preset: not a result]" in tex
+    assert md.splitlines()[0] == "### MCM Tab. 2: channel mask ratio [smoke preset: not a result]"
+    back = pd.read_csv(io.StringIO(table.to_csv(rep)), index_col="label", dtype={"warning": str}, keep_default_na=False)
+    assert back.at["60%", "warning"] == "smoke preset: not a result; linear_top1 at or below its floor"
+    assert back.at["80%", "warning"] == "smoke preset: not a result"
+    assert back.at["90%", "warning"] == ""                                 # the paper's own row
+    fig = figures.figure(rep)
+    texts = [t.get_text() for t in fig.texts] + [fig._suptitle.get_text(), fig._supxlabel.get_text()]
+    assert "SMOKE PRESET: NOT A RESULT" in texts and any("at or below its random-init floor" in t for t in texts)
+    # a real run above its floor carries neither
+    clean = mask_report()
+    assert clean.warnings == [] and not clean.smoke
+    assert "warning:" not in table.to_markdown(clean) and "not a result" not in table.to_markdown(clean)
+
+
+def test_figure_is_small_multiples_without_a_second_axis():
+    labels = ["60%", "75%", "80%"]
+    runs = compare_runs().drop(columns="finetune_top1").assign(test_images=2000)
+    rep = table.build(table.aggregate(runs, labels), COMPARE_SPEC)
+    ps = figures.panels(rep)
+    assert [p.title for p in ps] == ["k-NN top-1", "linear top-1", "IN-1k FT top-1: change from the default row (75%)"]
+    fig = figures.figure(rep)
+    drawn = [ax for ax in fig.axes if ax.axison]
+    assert len(drawn) == len(ps)                           # one axis per panel: no twinx anywhere
+    assert all(ax.get_shared_x_axes().get_siblings(ax) == [ax] for ax in drawn)
+    change = ps[2]
+    paper, ours = change.series
+    assert paper.x == ["60%", "75%", "80%"]                              # 80%: the paper printed none (NaN)
+    assert paper.y[:2] == pytest.approx([83.94 - 84.82, 0.0])            # the paper's change from its default
+    assert ours.y == pytest.approx([60.0 - 61.0, 0.0, 59.0 - 61.0])      # ours from ours (linear, the stand-in)
+    assert ours.lo[0] == pytest.approx(rep.frame.at["60%", "linear_top1_lo"] - 61.0)
+    k = ps[0]
+    assert k.series[0].lo == pytest.approx(rep.frame.loc[labels, "knn_top1_lo"].tolist())  # bars = intervals
+    plotly = figures.to_plotly(k)
+    assert plotly["data"][0]["error_y"]["arrayminus"][0] == pytest.approx(50.0 - rep.frame.at["60%", "knn_top1_lo"])
+    assert figures.to_svg(rep).lstrip().startswith(b"<?xml")
 
 
 # ------------------------------------------------------------------------------- golden outputs
@@ -265,6 +422,10 @@ def golden_reports() -> dict[str, table.Report]:
     have = ["knn_top1", "linear_top1", "finetune_top1"]
     agg = table.aggregate(runs, ["60%", "75%", "80%"], metrics=list(table.metrics_of(spec, have)))
     reports["compare"] = table.build(agg, spec, cost_basis="1 per local run", caption="vit_micro, 1 epoch")
+    same = {**spec, "name": "same_data", "report": {**spec["report"], "compare": {
+        "IN-1k FT top-1": {"metric": "finetune_top1", "same_data": True}}}}
+    reports["same_data"] = table.build(agg, same, cost_basis="1 per local run")  # Δ kept: the same protocol and data
+    reports["smoke_floor"] = floor_and_smoke_report()  # the smoke mark and a floor warning
     # the same comparison before any run has fine-tuned: the paper column alone and a pending note
     agg = table.aggregate(runs.drop(columns=["finetune_top1", "device_h"]), ["60%", "75%", "80%"])
     reports["pending"] = table.build(agg, spec)
