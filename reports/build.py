@@ -95,6 +95,14 @@ def cost_basis(params: list[dict]) -> str:
     return "; ".join(said)
 
 
+def cluster_of(data) -> dict:
+    """The run's cluster keys that devices() reads: tags `mimsweep.cluster.*` (they are no params: see
+    core/tracking/runs.py), or the params of runs tracked before that."""
+    from core import tracking
+    tags = {k[len(tracking.TAG):]: v for k, v in data.tags.items() if k.startswith(tracking.TAG + "cluster.")}
+    return tags or dict(data.params)
+
+
 def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFrame:
     """One row per FINISHED point run of the plan (matched as a launch matches them: sweeps/plan.py match):
     label, seed, signature, run_id and the latest value of every metric (a run that only evaluated another's
@@ -123,13 +131,13 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
             continue
         metrics = dict(run.data.metrics)
         by = run.data.tags.get(tracking.TAG + "pretrained_by")
-        cost = {"device_h": run_device_h(metrics, run.data.params, bool(by))}
-        params.append(run.data.params)
+        cost = {"device_h": run_device_h(metrics, cluster_of(run.data), bool(by))}
+        params.append(cluster_of(run.data))
         if by:  # evaluation only: the pre-training's own figures (pretrain_wall_s, epoch_s, ...) are its trainer's
             if by not in trainers:
                 try:
                     t = c.get_run(by).data
-                    trainers[by] = (t.metrics, run_device_h(t.metrics, t.params, False), t.params)
+                    trainers[by] = (t.metrics, run_device_h(t.metrics, cluster_of(t), False), cluster_of(t))
                 except Exception:  # noqa: BLE001 - a deleted trainer run: its evaluation still counts
                     trainers[by] = ({}, float("nan"), {})
             params.append(trainers[by][2])
@@ -244,10 +252,28 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
         return 2
     print(table.to_markdown(rep))
     out_dir = Path(cfg.get("report_dir") or Path(cfg.output_root) / "reports" / name)
-    write(rep, out_dir)
+    paths = write(rep, out_dir)
     print(f"{len(runs)}/{len(planned)} point(s) from experiment '{experiment}' at {tracking.redact(uri)}; wrote "
           f"{out_dir}/{name}.{{md,tex,csv,html,png}}", file=sys.stderr)
+    attach(uri, experiment, name, paths)
     return 0
+
+
+def attach(uri: str, experiment: str, sweep: str, paths: list[Path]) -> None:
+    """The report's files -> the artifact folder `report/` of the sweep's latest launch run, where MLflow users
+    look for them (best effort: the files on disk are the report)."""
+    from core import tracking
+    try:
+        c = tracking.client(uri)
+        launch = tracking.latest_launch(c, c.get_experiment_by_name(experiment).experiment_id, sweep)
+    except Exception as e:  # noqa: BLE001
+        print(f"note: the report was not attached in MLflow ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+        return
+    if launch is None:
+        print(f"note: no launch run of {sweep} in '{experiment}': the report was not attached in MLflow", file=sys.stderr)
+        return
+    sent = tracking.attach_files(c, launch.info.run_id, {p.name: p for p in paths}, "report")
+    print(f"attached {len(sent)} file(s) to the launch run {launch.info.run_id[:8]} (artifacts report/)", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path="../sweeps/conf", config_name="config")
