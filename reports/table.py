@@ -25,12 +25,14 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import math
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
+from pandas.io.formats.style import Styler
 
 # Our metrics, in column order: MLflow key -> heading.
 METRICS: dict[str, str] = {
@@ -301,9 +303,13 @@ def best(report: Report) -> pd.DataFrame:
 
 
 # ---- rendering -------------------------------------------------------------------------------------
+# Every cell is formatted here, in its format's markup (decimals, ± std, bold, escaping), into a frame of
+# strings: index = row labels, columns = headings. pandas lays that frame out: DataFrame.to_markdown
+# (tabulate's pipe tables), Styler.to_latex and Styler.to_html. The CSV and the plot use the numbers.
 
 @dataclass
 class Style:
+    """One format's markup: how it bolds and escapes text, its ± and its mark for a missing cell."""
     bold: Callable[[str], str]
     escape: Callable[[str], str] = lambda s: s
     pm: str = " ± "
@@ -336,13 +342,10 @@ def layout(report: Report) -> list[tuple[str, str, str]]:
 
 
 def heading_at(report: Report, kind: str, key: str) -> str:
+    """The heading of one `layout` column."""
     return {"metric": lambda: report.metrics[key], "rel": lambda: report.heading(key), "n": lambda: "n",
             "cost": lambda: "device-h", "paper": lambda: key,
             "delta": lambda: f"{DELTA}{key.removeprefix(DELTA)} (ours − paper)"}[kind]()
-
-
-def headers(report: Report) -> list[str]:
-    return [report.row_title, *[heading_at(report, kind, key) for _, kind, key in layout(report)]]
 
 
 def _hours(v: float) -> str:
@@ -350,15 +353,17 @@ def _hours(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
-def cells(report: Report, style: Style) -> list[list[str]]:
-    """The table body as strings, one list per row, in `headers` order."""
+def cells(report: Report, style: Style, grouped: bool = False) -> pd.DataFrame:
+    """The table as text in `style`'s markup: index = the row labels (the default one marked), columns = the
+    `layout` headings, named by the row title. `grouped`: when the columns fall into more than one group,
+    two column levels (group, heading); a paper column's heading then drops the "paper: " its group says."""
     f, is_best = report.frame, best(report)
     decimals = {col: paper_decimals(f[col]) for col in report.paper_columns}
     cols = layout(report)
     rows = []
     for label in f.index:
         ours = label in report.grid_labels
-        row = [style.escape(label + (DEFAULT_MARK if label == report.default else ""))]
+        row = []
         for _, kind, key in cols:
             if kind == "paper":
                 v = f.at[label, key]
@@ -387,7 +392,16 @@ def cells(report: Report, style: Style) -> list[list[str]]:
                 else:
                     row.append(_hours(v))
         rows.append(row)
-    return rows
+    index = [style.escape(label + (DEFAULT_MARK if label == report.default else "")) for label in f.index]
+    headings = [heading_at(report, kind, key) for _, kind, key in cols]
+    title = style.escape(report.row_title)
+    if grouped and len({group for group, _, _ in cols}) > 1:
+        columns = pd.MultiIndex.from_tuples(
+            [(group, style.escape(h.removeprefix(PAPER) if group == "paper" else h))
+             for (group, _, _), h in zip(cols, headings)], names=[None, title])
+    else:
+        columns = pd.Index([style.escape(h) for h in headings], name=title)
+    return pd.DataFrame(rows, index=index, columns=columns)
 
 
 def notes(report: Report, escape: Callable[[str], str] = lambda s: s,
@@ -417,24 +431,29 @@ def notes(report: Report, escape: Callable[[str], str] = lambda s: s,
 
 
 def to_markdown(report: Report) -> str:
-    head = headers(report)
+    """GitHub markdown: the title, what ours and the paper's are, the table (a tabulate pipe table), the notes."""
     body = cells(report, Style(bold=lambda s: f"**{s}**", escape=lambda s: s.replace("|", "\\|")))
-    align = [":--"] + ["--:"] * (len(head) - 1)  # labels left, numbers right
+    table = body.to_markdown(headers=[body.columns.name, *body.columns], disable_numparse=True,  # our text as is
+                             colalign=["left"] + ["right"] * body.shape[1])                   # labels left, numbers right
+    # tabulate writes the alignment row as "|:----|---:|"; spaced like the others ("| :-- | --: |"), every
+    # line of the table starts with "| ", which is how readers of our markdown (and the tests) find it
+    head, align, *rows = table.split("\n")
+    align = "|" + "|".join(f" {seg.replace('--', '', 1)} " for seg in align.split("|")[1:-1]) + "|"
+    table = "\n".join([head, align, *rows])
     lines = [f"### {report.title}", ""]
     if report.caption:
         lines.append(f"Ours: {report.caption}")
     if report.source:
         lines.append(f"Paper: {report.source}")
-    lines.append("")
-    for row in (head, align, *body):
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+    lines += ["", table, ""]
     lines += [f"{n}  " for n in notes(report, code=lambda c: f"`{c}`")]  # trailing "  ": a line break
     return "\n".join(lines).rstrip() + "\n"
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  # in text mode, the default (OT1) font encoding prints < > | as ¡ ¿ —
+                  "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
                   "±": r"$\pm$", "Δ": r"$\Delta$", "−": "$-$", "←": r"$\leftarrow$", "–": "--", "γ": r"$\gamma$", "×": r"$\times$"}
 
 
@@ -454,35 +473,26 @@ def latex_escape(s: str) -> str:
 
 
 def to_latex(report: Report) -> str:
-    """A `table` float with a booktabs tabular (needs only \\usepackage{booktabs})."""
-    head = headers(report)
-    body = cells(report, Style(bold=lambda s: f"\\textbf{{{s}}}", escape=latex_escape, pm=r" $\pm$ ", missing="--"))
-    cols = layout(report)
-    groups: list[list] = []  # runs of consecutive columns of one group: [name, first column, count]
-    for i, (group, _, _) in enumerate(cols, start=2):
-        if groups and groups[-1][0] == group:
-            groups[-1][2] += 1
-        else:
-            groups.append([group, i, 1])
+    """A `table` float with a booktabs tabular (needs only \\usepackage{booktabs}), from Styler.to_latex; the
+    group headings (ours / ours vs paper / paper) are centred over their columns and ruled below."""
+    body = cells(report, Style(bold=lambda s: f"\\textbf{{{s}}}", escape=latex_escape, pm=r" $\pm$ ", missing="--"),
+                 grouped=True)
+    if isinstance(body.columns, pd.MultiIndex):
+        spans = [(group, len(list(run))) for group, run in itertools.groupby(body.columns.get_level_values(0))]
+        # Styler writes \multicolumn only for 2+ columns: a one-column group's heading is centred the same way
+        body = body.rename(columns={g: f"\\multicolumn{{1}}{{c}}{{{g}}}" for g, n in spans if n == 1}, level=0)
+        first = list(itertools.accumulate([2] + [n for _, n in spans]))  # column 1 holds the row labels
+        rules = " ".join(f"\\cmidrule(lr){{{i}-{i + n - 1}}}" for i, (_, n) in zip(first, spans))
+        # booktabs wants the rules at the start of the next row, the headings, whose first cell is the row title
+        body.columns = body.columns.set_names(f"{rules}\n{body.columns.names[1]}", level=1)
     caption = latex_escape(report.title + ". " + (f"Ours: {report.caption} " if report.caption else "")
                            + (f"Paper: {report.source}." if report.source else ""))
-    lines = [
-        "% generated by reports/build.py; needs \\usepackage{booktabs}",
-        "\\begin{table}[t]", "\\centering", f"\\caption{{{caption}}}", f"\\label{{tab:{report.name}}}",
-        "\\begin{tabular}{l" + "r" * len(cols) + "}", "\\toprule",
-    ]
-    if len(groups) > 1:  # group headings say whose numbers are whose
-        lines.append("".join(f" & \\multicolumn{{{n}}}{{c}}{{{g}}}" for g, _, n in groups) + " \\\\")
-        lines.append(" ".join(f"\\cmidrule(lr){{{i}-{i + n - 1}}}" for _, i, n in groups))
-    lines.append(" & ".join(latex_escape(h.removeprefix(PAPER) if g == "paper" else h)
-                            for g, h in zip(["label"] + [c[0] for c in cols], head)) + " \\\\")
-    lines.append("\\midrule")
-    lines += [" & ".join(r) + " \\\\" for r in body]
-    lines += ["\\bottomrule", "\\end{tabular}"]
+    latex = Styler(body).to_latex(column_format="l" + "r" * body.shape[1], hrules=True, multicol_align="c",
+                                  position="t", position_float="centering", caption=caption,
+                                  label=f"tab:{report.name}")
     foot = notes(report, latex_escape, lambda c: f"\\texttt{{{c}}}")
-    lines.append("\\par\\smallskip{\\footnotesize " + " ".join(foot) + "}")
-    lines.append("\\end{table}")
-    return "\n".join(lines) + "\n"
+    latex = latex.replace("\\end{table}", "\\par\\smallskip{\\footnotesize " + " ".join(foot) + "}\n\\end{table}")
+    return "% generated by reports/build.py; needs \\usepackage{booktabs}\n" + latex
 
 
 def to_csv(report: Report) -> str:
@@ -495,13 +505,18 @@ def to_csv(report: Report) -> str:
 
 
 def to_html(report: Report, png: bytes | None = None) -> str:
-    """A self-contained page: the table, its notes, and the plot embedded as a data: URI."""
+    """A self-contained page: the table (Styler.to_html), its notes, and the plot embedded as a data: URI."""
     esc = html.escape
-    head = headers(report)
-    body = cells(report, Style(bold=lambda s: f"<b>{s}</b>", escape=esc))
-    thead = "".join(f"<th>{esc(h)}</th>" for h in head)
-    rows = "\n".join("<tr" + (' class="default"' if label == report.default else "") + ">"
-                     + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for label, r in zip(report.frame.index, body))
+    body = cells(report, Style(bold=lambda s: f"<b>{s}</b>", escape=esc), grouped=True)
+    styler = Styler(body, uuid="report", cell_ids=False)  # fixed ids: the same report gives the same page
+    # the row labels are <th> row headings: in the weight of the cells they head, not of the column headings
+    styler.set_table_styles([{"selector": "tbody th", "props": "font-weight: normal"}])
+    if report.default in report.frame.index:
+        # shade the default row: its heading and its cells share the row's class
+        row = body.index[report.frame.index.get_loc(report.default)]
+        styler.set_table_styles({row: [{"selector": "", "props": "background: #f3f3f3"}]}, axis=1, overwrite=False)
+    # Styler writes the table's <style> block before the table; a page's styles belong in <head>
+    css, table = styler.to_html().split("</style>\n", 1)
     img = (f'<img alt="{esc(report.title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
            if png else "")
     meta = "".join(f"<p>{esc(k)}: {esc(v)}</p>" for k, v in (("Ours", report.caption), ("Paper", report.source)) if v)
@@ -512,21 +527,17 @@ def to_html(report: Report, png: bytes | None = None) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ padding: .3em .8em; text-align: right; border-bottom: 1px solid #ddd; }}
-th {{ border-bottom: 2px solid #333; }}
+thead th {{ border-bottom: 2px solid #333; }}
+thead tr:not(:last-child) th {{ text-align: center; }}
 td:first-child, th:first-child {{ text-align: left; }}
-tr.default td {{ background: #f3f3f3; }}
 .note {{ font-size: .9em; color: #555; margin: .2em 0; }}
 img {{ max-width: 100%; margin-top: 1em; }}
-</style></head>
+</style>
+{css}</style></head>
 <body>
 <h2>{esc(report.title)}</h2>
 {meta}
-<table>
-<thead><tr>{thead}</tr></thead>
-<tbody>
-{rows}
-</tbody>
-</table>
+{table.rstrip()}
 {foot}
 {img}
 </body></html>

@@ -1,6 +1,8 @@
 """reports/table.py on synthetic runs: aggregation, bolding, default/missing/reference rows, formats."""
 import io
 import math
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -116,7 +118,9 @@ def test_default_row_is_marked_in_every_format():
     assert "75% (default)" in md_rows(table.to_markdown(rep))
     assert "60% (default)" not in md_rows(table.to_markdown(rep))
     assert "75\\% (default) &" in table.to_latex(rep)
-    assert '<tr class="default"><td>75% (default)</td>' in table.to_html(rep)
+    page = table.to_html(rep)
+    assert '<th class="row_heading level0 row1" >75% (default)</th>' in page
+    assert "#T_report .row1 {\n  background: #f3f3f3;\n}" in page  # the default row (heading and cells) shaded
     csv = pd.read_csv(io.StringIO(table.to_csv(rep)), index_col="label")
     assert csv["default"].tolist() == [False, True, False, False]
 
@@ -208,8 +212,8 @@ def test_html_is_self_contained_with_plot():
     page = table.to_html(rep, png)
     assert page.startswith("<!doctype html>") and '<meta charset="utf-8">' in page
     assert 'src="data:image/png;base64,iVBORw0KGgo' in page
-    assert "<td><b>50.00</b></td>" in page
-    assert "<td>42.00 ± 2.83</td>" in page
+    assert '<td class="data row2 col0" ><b>50.00</b></td>' in page
+    assert '<td class="data row1 col0" >42.00 ± 2.83</td>' in page
 
 
 def test_plot_handles_paper_only_rows_and_no_reference():
@@ -228,3 +232,88 @@ def test_paper_numbers_keep_their_printed_precision():
     rep = table.build(table.aggregate(pd.DataFrame(columns=["label"]), ["8"]), spec)
     rows = md_rows(table.to_markdown(rep))
     assert rows["300"][-1] == "43.0" and rows["1600"][-1] == "**50.5**"
+
+
+# ------------------------------------------------------------------------------- golden outputs
+# Every format of a few representative reports, compared byte for byte with tests/data/report_golden/.
+# After a deliberate change of the output: UPDATE_GOLDEN=1 pytest tests/test_reports.py -k golden
+GOLDEN = Path(__file__).parent / "data" / "report_golden"
+
+
+def golden_reports() -> dict[str, table.Report]:
+    """Reports that together show every feature of the table: each built by the module's own functions."""
+    reports = {"mask_ratio": mask_report()}  # default row, bold highest, a missing point, two seeds ± std
+    # paper-only rows after ours (300 / 1600 epochs), a column where our values tie
+    labels = ["1", "2", "4", "8"]
+    runs = pd.DataFrame([run(label, 0, 30.0 + int(label), 20.0 if label in ("2", "4") else 15.0) for label in labels])
+    reports["paper_rows"] = table.build(table.aggregate(runs, labels), EPOCH_SPEC)
+    # ties at displayed precision, no reference, no default
+    runs = pd.DataFrame([run("60%", 0, 50.001, 1.0), run("75%", 0, 49.999, 2.0), run("80%", 0, 10.0, 3.0)])
+    reports["ties"] = table.build(table.aggregate(runs, ["60%", "75%", "80%"]),
+                                  {"name": "ties", "title": "ties", "report": {"row_title": "r"}})
+    # our fine-tuning beside the paper's column with Δ (one paper number missing), device-hours
+    spec = {"name": "mcm_mask_ratio", "title": "MCM Tab. 2", "report": {
+        "row_title": "γ", "default": "75%", "compare": {"IN-1k FT top-1": "finetune_top1"},
+        "reference": {"columns": ["IN-1k FT top-1", "ADE20K mIoU"],
+                      "rows": {"60%": [83.94, 42.87], "75%": [84.82, 43.03], "80%": [None, 43.1]}}}}
+    runs = pd.DataFrame([
+        {"label": "60%", "knn_top1": 50.0, "linear_top1": 60.0, "finetune_top1": 70.0, "device_h": 0.0123},
+        {"label": "75%", "knn_top1": 51.0, "linear_top1": 61.0, "finetune_top1": 72.0, "device_h": 1.5},
+        {"label": "75%", "knn_top1": 53.0, "linear_top1": 61.0, "finetune_top1": 74.0, "device_h": 2.25},
+        {"label": "80%", "knn_top1": 52.0, "linear_top1": 59.0, "finetune_top1": 71.0, "device_h": 1234.5},
+    ])
+    have = ["knn_top1", "linear_top1", "finetune_top1"]
+    agg = table.aggregate(runs, ["60%", "75%", "80%"], metrics=list(table.metrics_of(spec, have)))
+    reports["compare"] = table.build(agg, spec, cost_basis="1 per local run", caption="vit_micro, 1 epoch")
+    # the same comparison before any run has fine-tuned: the paper column alone and a pending note
+    agg = table.aggregate(runs.drop(columns=["finetune_top1", "device_h"]), ["60%", "75%", "80%"])
+    reports["pending"] = table.build(agg, spec)
+    # lower is better, relative to one row: as a ratio and as a change in percent
+    speed = {"name": "speed", "title": "MaskAlign Tab. 7", "report": {
+        "row_title": "paradigm", "default": "MaskAlign", "metrics": {"epoch_s": "s / epoch"}, "best": "lowest",
+        "relative_to": "MaskAlign", "reference": {
+            "source": "Xue et al., Table 7", "columns": ["epochs", "time (x MaskAlign)"],
+            "rows": {"MaskAlign": [200, 1.0], "MILAN": [400, 3.2], "MVP": [300, 2.8]}}}}
+    runs = pd.DataFrame([{"label": "MaskAlign", "epoch_s": 10.0}, {"label": "MaskAlign", "epoch_s": 12.0},
+                         {"label": "MILAN", "epoch_s": 25.0}, {"label": "FD", "epoch_s": 11.0}])
+    agg = table.aggregate(runs, ["MaskAlign", "MILAN", "FD"], metrics=["epoch_s"])
+    reports["relative_ratio"] = table.build(agg, speed)
+    percent = {**speed, "report": {**speed["report"], "relative_to": {"label": "MaskAlign", "as": "percent"}}}
+    reports["relative_percent"] = table.build(agg, percent)
+    # characters each format must escape, in labels, headings, caption, source, notes and the command
+    odd = {"name": "odd_chars", "title": "A & B: 50% of <x> | y_z", "report": {
+        "row_title": "γ_mask | <ratio> & 100%", "default": "a_b & c", "default_note": "the 50% <default> | here",
+        "metrics": {"knn_top1": "k-NN_top1 <%>", "acc|x": "acc & more"},
+        "reference": {"source": "Paper_1 & <2> | 3%", "columns": ["FT_top1 %", "A&B <c>"],
+                      "rows": {"a_b & c": [84.5, 1.0], "<tag> | 5%": [83.25, None], "γ=0.75 # $x$": [None, 2.0]}}}}
+    runs = pd.DataFrame([{"label": "a_b & c", "knn_top1": 40.0, "acc|x": 1.0},
+                         {"label": "<tag> | 5%", "knn_top1": 41.0, "acc|x": 2.0},
+                         {"label": "<tag> | 5%", "knn_top1": 43.5, "acc|x": 2.0}])
+    agg = table.aggregate(runs, ["a_b & c", "<tag> | 5%", "x~y^z\\w {q}"], metrics=["knn_top1", "acc|x"])
+    reports["odd_chars"] = table.build(agg, odd, caption="vit_micro & 10% <data> | γ", missing=1, expected=4,
+                                       run_command="python sweeps/run.py sweep=odd_chars 'a=[1,2]' && echo <done> | cat")
+    return reports
+
+
+def render(report: table.Report) -> dict[str, str]:
+    return {"md": table.to_markdown(report), "tex": table.to_latex(report), "html": table.to_html(report)}
+
+
+@pytest.mark.parametrize("name", sorted(golden_reports()))
+def test_golden_outputs(name):
+    rendered = render(golden_reports()[name])
+    for fmt, text in rendered.items():
+        path = GOLDEN / f"{name}.{fmt}"
+        if os.environ.get("UPDATE_GOLDEN"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        assert text == path.read_text(encoding="utf-8"), f"{path.name} differs from the golden file"
+
+
+@pytest.mark.parametrize("name", sorted(golden_reports()))
+def test_markdown_rows_have_as_many_cells_as_the_header(name):
+    """A "|" in a label or a heading is escaped: it must not split a cell (GitHub would shift the row)."""
+    md = table.to_markdown(golden_reports()[name])
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    counts = {len(line.replace("\\|", "").split("|")) for line in lines}
+    assert len(lines) >= 3 and len(counts) == 1, lines

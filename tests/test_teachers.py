@@ -105,10 +105,12 @@ def test_timm_vit_teacher_outputs_match_timm_itself(tmp_path):
 
 
 def test_a_teacher_without_cls_is_refused_when_the_method_needs_one(compose):
-    from core.config import ConfigError, _validate_teacher
+    from core.config import ConfigError
+    from core.targets.teachers import check_config
     cfg = compose("teacher=efficientnet_lite0")
+    check_config(cfg, TeacherRequest(patch=True))   # what MCM asks of it: fine
     with pytest.raises(ConfigError, match="teacher.kind"):
-        _validate_teacher(cfg, TeacherRequest(cls_attention=True))
+        check_config(cfg, TeacherRequest(cls_attention=True))
 
 
 def _knn_accuracy(feats, labels):
