@@ -130,9 +130,10 @@ def _ended(row: dict, reason: str, who: str = "") -> None:
 
 def _open(pl, open_run, queued_at: float | None) -> float | None:
     """Create the point's run now that it starts (cluster/backend.py open_run) -> its wait since `queued_at`."""
+    waited = None if queued_at is None else time.time() - queued_at
     if open_run is not None:
         open_run(pl)
-    return None if queued_at is None else time.time() - queued_at
+    return waited
 
 
 def run_all(todo, uri: str, root: Path, workers: int = 1, open_run=None, queued_at: float | None = None) -> list[dict]:

@@ -52,12 +52,18 @@ OPERATIONAL_TAGS = ("cluster.backend", "cluster.gpus_per_task", "cluster.eval.gp
 
 
 def describe_experiment(c, exp_id: str, note: str) -> None:
-    """The experiment's kind (set once: a user may change it in the UI) and its description (Markdown)."""
+    """The experiment's kind (set once: a user may change it in the UI) and its description (Markdown).
+    Jobs starting together may write the same new tag at once: on a SQL store the loser's insert fails, and
+    the tag is there all the same."""
     exp = c.get_experiment(exp_id)
-    if "mlflow.experimentKind" not in exp.tags:
-        c.set_experiment_tag(exp_id, "mlflow.experimentKind", KIND)
-    if exp.tags.get("mlflow.note.content") != note:
-        c.set_experiment_tag(exp_id, "mlflow.note.content", note)
+    for key, value in (("mlflow.experimentKind", KIND), ("mlflow.note.content", note)):
+        if key in exp.tags and (key == "mlflow.experimentKind" or exp.tags[key] == value):
+            continue
+        try:
+            c.set_experiment_tag(exp_id, key, value)
+        except Exception:  # noqa: BLE001 - a concurrent writer of the same tag (unique key): it exists now
+            if key not in c.get_experiment(exp_id).tags:
+                raise
 
 
 @functools.lru_cache(maxsize=1)  # once per launch, not twice per point of a 1,000-point grid
@@ -309,5 +315,10 @@ def log_datasets(c, run_id: str, datasets: list[dict]) -> None:
     inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
                                    source=json.dumps({"uri": d["source"]}), profile=json.dumps(d.get("profile", {}))),
                            tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
-    if inputs:
+    if not inputs:
+        return
+    try:
+        c.log_inputs(run_id, datasets=inputs)
+    except Exception:  # noqa: BLE001 - another run logged the same new dataset at the same moment (a unique
+        time.sleep(0.5)  # key of the SQL store): it exists now, and this second call links it to the run
         c.log_inputs(run_id, datasets=inputs)
