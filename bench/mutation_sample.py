@@ -3,7 +3,7 @@ random sample of them against a narrow pytest command (one mutant at a time, the
 Usage: python bench/mutation_sample.py <repo copy> <file> <n> <seed> <timeout_s> -- <pytest args...>"""
 import json, random, subprocess, sys, time
 from pathlib import Path
-from mutmut import Context, RelativeMutationID, list_mutations, mutate
+from mutmut import Context, list_mutations, mutate
 
 root, rel, n, seed, tmo = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 cmd = sys.argv[sys.argv.index("--") + 1:]

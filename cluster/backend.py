@@ -19,7 +19,15 @@ class Backend:
       FAILED/KILLED if it fails) and end the launch run `parent`;
     - `live_jobs(job_ids) -> {job id: state}`: those of the jobs still queued or running there (a backend
       with no queue has none); the planner asks it through this interface, never a backend directly.
+
+    Point runs: the launch gives the backend `open_run(planned) -> run id` (it creates a new point's run and
+    writes its launch tags). A backend with `opens_runs_at_start` calls it as each point's job starts, so
+    MLflow's start time is the job's (the local backend); for any other the launch opens every run before
+    `start` (SLURM: the queue outlives the launch, and the next launch must find queued points' runs).
     """
+
+    opens_runs_at_start = False
+    open_run = None
 
     def __init__(self, cfg, uri: str, root: Path, sweep: str, task_overrides: list[str], raw_uri: str):
         self.cfg, self.uri, self.root, self.sweep = cfg, uri, root, sweep

@@ -18,6 +18,7 @@ the launch with a message naming the key, with no half-launched sweep left behin
 from __future__ import annotations
 
 import functools
+import shlex
 import signal
 import sys
 import threading
@@ -126,20 +127,32 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
 
     c = Patient(check_tracking(uri, create=True, shown=raw_uri))
     exp_id = tracking.experiment_id(c, exp_name, uri)
+    command = " ".join(["python sweeps/run.py", *(shlex.quote(tracking.redact_text(o, raw_uri))
+                                                  for o in task_overrides if not o.startswith("hydra"))])
+    tracking.describe_experiment(c, exp_id, experiment_note(cfg, name, command))
     tracking.close_orphaned_launches(c, exp_id)
     parent, handed_over = None, set()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # SIGTERM ends runs as Ctrl-C does
     try:
-        parent = tracking.start_launch(c, exp_id, name, overrides, len(todo))
-        for pl in todo:
-            if pl.action == "new":
+        parent = tracking.start_launch(c, exp_id, name, overrides, len(todo), command)
+
+        def open_run(pl: Planned) -> str:
+            """The point's run, created now if new (its start time is now), with this launch's tags."""
+            if pl.action == "new" and pl.run_id is None:
                 pl.run_id = tracking.create_point_run(c, exp_id, parent, name, pl.point.label,
                                                       [tracking.redact_text(o, raw_uri) for o in pl.point.overrides],
-                                                      pl.legacy_sig, pl.cfg)
-        resolve_after(planned, root)
-        for pl in todo:  # the identity tags (core/tracking/identity.py); old runs resumed here get them too
-            _tag_identity(c, pl, root)
+                                                      pl.legacy_sig, pl.cfg, name=pl.point.run_name)
+            if not (isinstance(pl.after, Planned) and pl.after.run_id is None):  # its trainer's run exists
+                resolve_after([pl], root)
+            _tag_identity(c, pl, root)  # core/tracking/identity.py; old runs resumed here get them too
+            return pl.run_id
+
+        runner.open_run = open_run
+        if not runner.opens_runs_at_start:  # e.g. SLURM: the queue outlives the launch, so its runs exist now
+            for pl in todo:
+                open_run(pl)
+        print(f"MLflow: {tracking.ui_link(raw_uri, exp_id)}", flush=True)
         code = runner.start(c, parent, todo, handed_over, skipped=len(planned) - len(todo))
         return 1 if code or given_up else code
     except BaseException as e:
@@ -205,6 +218,27 @@ def _memory(cfg) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 
+def experiment_note(cfg, sweep: str, command: str) -> str:
+    """The experiment's description (MLflow shows it above its runs): what the sweep is, the paper table it
+    rebuilds, the latest launch command and the report's."""
+    from omegaconf import OmegaConf
+    spec = OmegaConf.to_container(cfg.sweep, resolve=True) if cfg.get("sweep") is not None else {}
+    lines = [f"**{spec.get('title') or sweep}** (sweep `{sweep}`)" if spec else
+             "**Single runs** of `python sweeps/run.py` (no sweep; each run is named by its overrides)"]
+    source = ((spec.get("report") or {}).get("reference") or {}).get("source")
+    if source:
+        lines.append(f"Rebuilds: {source}.")
+    lines.append(f"Latest launch: `{command}`")
+    if spec:
+        lines.append(f"Report: `{command.replace('sweeps/run.py', 'reports/build.py', 1)}` (its files are attached "
+                     "to the latest launch run, folder `report/`).")
+    lines.append("One run per point (named for it), nested under the launch run that started it; its queue wait "
+                 "is the metric `queue_s`. Random-init floors: experiment `mimsweep-floors` (on each point as "
+                 "`floor_<metric>`). The resolved config, operational keys included, is each run's `config.yaml`; "
+                 "its output is under `logs/`.")
+    return "\n\n".join(lines)
+
+
 def _todo(planned: list[Planned]) -> list[Planned]:
     """The points to run, those that pre-train first (a local launch evaluates the others after them)."""
     return sorted((pl for pl in planned if pl.action in ("new", "resume")), key=lambda pl: pl.pretrain == "after")
@@ -215,7 +249,8 @@ def _tag_identity(c, pl: Planned, root: Path) -> None:
     tags = pl.identity_tags(root)
     if pl.job_estimate_s:  # cluster/status.py shows it beside the point's wall_s (its job, without start-up)
         tags["estimate_s"] = f"{pl.job_estimate_s:.0f}"
-    c.log_batch(pl.run_id, tags=[RunTag(tracking.TAG + k, v) for k, v in tags.items() if v is not None])
+    c.log_batch(pl.run_id, tags=[RunTag(tracking.TAG + k, v) for k, v in tags.items() if v is not None]
+                + [RunTag(k, v) for k, v in tracking.operational_tags(pl.cfg).items()])  # this launch's cluster
     if pl.phase == "all" and pl.action == "resume":  # once evaluation-only, now pre-training itself
         old = c.get_run(pl.run_id).data.tags
         for k in ("pretrained_by", "pretrained_checkpoint"):

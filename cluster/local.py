@@ -6,6 +6,11 @@ than one wide one: on 2 cores two 1-thread points train ~1.2x faster together th
 `auto` = as many as the launch has points, up to the CPU count, and 1 on a GPU. A point that evaluates
 another's pre-training of this launch (`after` in the plan) starts when that one has ended.
 
+A point's MLflow run is created when the point starts (cluster/backend.py `open_run`), so its start time
+and duration in MLflow are its own; the wait since the launch began is its metric `queue_s`. Its output
+(every line its job prints, a progress bar one line per 15 s) goes to `point.log` in its work folder, attached
+to its run as `logs/point.log` when it ends, however it ends (a worker killed -9 leaves only the file).
+
 A failing point is recorded as FAILED in MLflow with its reason and the sweep goes on with the next;
 the next launch resumes it from its last checkpoint. A worker that dies (killed, out of memory) leaves
 its point FAILED with the signal as the reason. Ctrl-C or SIGTERM to the launch, or the launch itself
@@ -17,6 +22,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -44,18 +50,69 @@ def workers_for(cfg, n_points: int) -> int:
     return max(1, min(int(w), n_points))
 
 
-def _attempt(pl, uri: str, root: Path) -> tuple[str, dict, str]:
-    """One point in this process -> (status, metrics, failure reason)."""
-    try:
-        res = run_point(pl.cfg, pl.run_id, uri, str(root / pl.workdir_name), phase=pl.phase, checkpoint=pl.checkpoint)
-    except KeyboardInterrupt:
-        raise
-    except EXPLAINED as e:
-        return "FAILED", {}, str(e)
-    except Exception as e:  # noqa: BLE001 - reported, tracked as FAILED, and the sweep continues
-        traceback.print_exc()
-        return "FAILED", {}, f"{type(e).__name__}: {e}"
+LOG = "point.log"   # a point's output, in its work folder and as the artifact logs/point.log
+
+
+def _attempt(pl, uri: str, root: Path, queue_s: float | None = None) -> tuple[str, dict, str]:
+    """One point in this process -> (status, metrics, failure reason). Its output also goes to its log file,
+    which is attached to its run when it ends."""
+    workdir = root / pl.workdir_name
+    workdir.mkdir(parents=True, exist_ok=True)
+    out, err = sys.stdout, sys.stderr
+    with open(workdir / LOG, "a", encoding="utf-8") as f:
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {pl.point.run_name} run={pl.run_id} on "
+                f"{socket.gethostname()} pid {os.getpid()} ===\n")
+        sys.stdout, sys.stderr = _Tee(out, _Lines(f, "")), _Tee(err, _Lines(f, ""))
+        try:
+            res = run_point(pl.cfg, pl.run_id, uri, str(workdir), phase=pl.phase, checkpoint=pl.checkpoint,
+                            queue_s=queue_s)
+        except KeyboardInterrupt:
+            raise
+        except EXPLAINED as e:
+            f.write(f"FAILED: {e}\n")   # the launch prints it (cluster/local.py _ended); the log keeps it too
+            return "FAILED", {}, str(e)
+        except Exception as e:  # noqa: BLE001 - reported, tracked as FAILED, and the sweep continues
+            traceback.print_exc()
+            return "FAILED", {}, f"{type(e).__name__}: {e}"
+        finally:
+            sys.stdout, sys.stderr = out, err
+            f.flush()
+            _attach_log(pl, uri, workdir)
     return "FINISHED", {k: v for k, v in res.items() if k.endswith(("top1", "miou"))}, ""
+
+
+def _attach_log(pl, uri: str, workdir: Path) -> None:
+    from core import tracking
+    try:
+        tracking.attach_files(tracking.job_client(uri), pl.run_id, {LOG: workdir / LOG}, "logs")
+    except Exception as e:  # noqa: BLE001 - the log stays in the work folder
+        print(f"[mimsweep] could not attach {workdir / LOG}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+class _Tee:
+    """Writes to a stream and to a copy (the point's log); everything else is the stream's (isatty, ...).
+    A logger that kept this stream after its point ended writes to the stream alone (the log is closed)."""
+
+    def __init__(self, stream, copy):
+        self.stream, self.copy = stream, copy
+
+    def write(self, s: str) -> int:
+        self.stream.write(s)
+        try:
+            self.copy.write(s)
+        except ValueError:  # the point's log file is closed
+            pass
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        try:
+            self.copy.flush()
+        except ValueError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _started(i: int, n: int, pl) -> None:
@@ -71,15 +128,26 @@ def _ended(row: dict, reason: str, who: str = "") -> None:
         print(f"    {who}{row['status']}: {reason}", flush=True)
 
 
-def run_all(todo, uri: str, root: Path, workers: int = 1) -> list[dict]:
-    """Runs the points; returns one row per point (in `todo` order): label, seed, status, metrics, wall time."""
+def _open(pl, open_run, queued_at: float | None) -> float | None:
+    """Create the point's run now that it starts (cluster/backend.py open_run) -> its wait since `queued_at`."""
+    waited = None if queued_at is None else time.time() - queued_at
+    if open_run is not None:
+        open_run(pl)
+    return waited
+
+
+def run_all(todo, uri: str, root: Path, workers: int = 1, open_run=None, queued_at: float | None = None) -> list[dict]:
+    """Runs the points; returns one row per point (in `todo` order): label, seed, status, metrics, wall time.
+    `open_run(planned)`: creates the point's run as it starts; `queued_at`: when the launch handed the points
+    over (epoch seconds)."""
     if workers > 1:
-        return _run_parallel(todo, uri, root, workers)
+        return _run_parallel(todo, uri, root, workers, open_run, queued_at)
     rows = []
     for i, pl in enumerate(todo, 1):
+        queue_s = _open(pl, open_run, queued_at)
         _started(i, len(todo), pl)
         t0 = time.perf_counter()
-        status, metrics, reason = _attempt(pl, uri, root)
+        status, metrics, reason = _attempt(pl, uri, root, queue_s)
         rows.append({"point": pl.point.label, "seed": pl.point.seed, "run": pl.run_id, "status": status,
                      "estimate_s": getattr(pl, "estimate_s", None),
                      "metrics": metrics, "wall_s": time.perf_counter() - t0})
@@ -123,13 +191,17 @@ def _serve(conn, threads: int) -> None:
     """A worker process: runs the points it is sent, one at a time, with `threads` threads."""
     import _thread
 
+    import mlflow.tracking  # noqa: F401 - here, not in the first point: a Ctrl-C inside an import breaks it
     import torch
     os.setpgrp()  # Ctrl-C in a terminal reaches the launch only; it tells each worker once (SIGINT)
     torch.set_num_threads(threads)
     os.environ["MIMSWEEP_WORKER_CPUS"] = str(threads)  # data.num_workers=auto shares the CPUs, too
     parent, orphan = os.getppid(), threading.Event()
 
+    stopped = threading.Event()
+
     def interrupted(_signum, _frame):  # -> run_point marks its run KILLED with this reason
+        stopped.set()
         raise KeyboardInterrupt("the launch process died" if orphan.is_set() else "the launch was stopped")
     signal.signal(signal.SIGINT, interrupted)  # even when the launch itself was started ignoring SIGINT
 
@@ -140,6 +212,7 @@ def _serve(conn, threads: int) -> None:
         _thread.interrupt_main()
     threading.Thread(target=watch, daemon=True).start()
     out, err = sys.stdout, sys.stderr
+    conn.send("ready")  # imports done: a point sent now starts at once (its run is created just before)
     while True:
         try:
             job = conn.recv()
@@ -147,14 +220,16 @@ def _serve(conn, threads: int) -> None:
             return
         if job is None:
             return
-        pl, uri, root = job
+        pl, uri, root, queue_s = job
         sys.stdout, sys.stderr = _Lines(out, f"  {pl.point.label} | "), _Lines(err, f"  {pl.point.label} | ")
         try:
-            conn.send(_attempt(pl, uri, root))
+            conn.send(_attempt(pl, uri, root, queue_s))
         except KeyboardInterrupt:  # run_point marked its run KILLED
             return
         finally:
             sys.stdout, sys.stderr = out, err
+        if stopped.is_set():  # interrupted, though its point ended another way: no next point
+            return
 
 
 class _Worker:
@@ -164,9 +239,18 @@ class _Worker:
         self.proc.start()
         child.close()
         self.job = None  # (index, Planned, row, t0) while it runs a point
+        self.started = False
+
+    def start_up(self) -> None:
+        """Wait until the process has imported everything (seconds, once), so that a point's run, created
+        when it is sent, starts when its work does."""
+        if not self.started:
+            if self.conn.recv() != "ready":
+                raise RuntimeError("a worker process said something else than ready")
+            self.started = True
 
 
-def _run_parallel(todo, uri: str, root: Path, workers: int) -> list[dict]:
+def _run_parallel(todo, uri: str, root: Path, workers: int, open_run=None, queued_at: float | None = None) -> list[dict]:
     from core import tracking
     threads = max(1, cpu_count() // workers)
     print(f"running {workers} points at a time, {threads} thread(s) each (cluster.workers)", flush=True)
@@ -190,9 +274,12 @@ def _run_parallel(todo, uri: str, root: Path, workers: int) -> list[dict]:
                             break
                         i = pending[0]  # nothing runs that it could wait for: let run_point say what is missing
                     pending.remove(i)
+                    w.start_up()
+                    queue_s = _open(todo[i], open_run, queued_at)
+                    rows[i]["run"] = todo[i].run_id
                     _started(i + 1, len(todo), todo[i])
                     w.job = (i, time.perf_counter())
-                    w.conn.send((todo[i], uri, root))
+                    w.conn.send((todo[i], uri, root, queue_s))
             busy = [w for w in pool if w.job]
             wait([x for w in busy for x in (w.conn, w.proc.sentinel)])
             for k, w in enumerate(pool):
@@ -226,8 +313,8 @@ def _run_parallel(todo, uri: str, root: Path, workers: int) -> list[dict]:
                 os.kill(w.proc.pid, signal.SIGINT)
         raise
     finally:
-        for w in pool:
-            if w.proc.is_alive() and not w.job:
+        for w in pool:  # a busy one reads it after its point (one that was told to stop exits before)
+            if w.proc.is_alive():
                 try:
                     w.conn.send(None)
                 except OSError:
@@ -262,7 +349,10 @@ def print_summary(rows: list[dict], skipped: int, report_cmd: str | None, wall_s
 
 
 class Local(Backend):
-    """The points on this machine (`cluster.workers` at a time); ends with the summary and the report command."""
+    """The points on this machine (`cluster.workers` at a time); ends with the summary and the report command.
+    A point's run is created when it starts (`opens_runs_at_start`)."""
+
+    opens_runs_at_start = True
 
     def describe(self, todo) -> str:
         w = workers_for(self.cfg, len(todo))
@@ -274,8 +364,9 @@ class Local(Backend):
         import shlex
 
         from core import tracking
+        launched = c.get_run(parent).info.start_time / 1000
         t0 = time.perf_counter()
-        rows = run_all(todo, self.uri, self.root, workers_for(self.cfg, len(todo)))
+        rows = run_all(todo, self.uri, self.root, workers_for(self.cfg, len(todo)), self.open_run, launched)
         wall = time.perf_counter() - t0
         handed_over.update(pl.run_id for pl in todo)   # run_point ended each of them, one way or another
         failed = sum(r["status"] != "FINISHED" for r in rows)

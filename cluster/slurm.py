@@ -230,13 +230,17 @@ def sbatch_script(cl, manifest: Path, n_tasks: int, job_name: str, log_dir: Path
     return "\n".join(lines) + "\n"
 
 
-def write_manifest(path: Path, points: list, uri: str, root: Path, phase: str, max_requeues: int) -> None:
-    """The task's instructions, mode 600. `uri` carries no credentials (they travel in the environment)."""
+def write_manifest(path: Path, points: list, uri: str, root: Path, phase: str, max_requeues: int,
+                   log_dir: Path | None = None) -> None:
+    """The task's instructions, mode 600. `uri` carries no credentials (they travel in the environment).
+    `log_dir`: where SLURM writes the tasks' output (each task attaches its own files to its run);
+    `submitted_at`: now, from which a task's first start measures its queue wait (`queue_s`)."""
     from omegaconf import OmegaConf
 
     from core.tracking import redact_text, split_credentials
     clean = split_credentials(uri)[0]
-    body = {"phase": phase, "max_requeues": max_requeues, "uri": clean, "points": [
+    body = {"phase": phase, "max_requeues": max_requeues, "uri": clean, "submitted_at": time.time(),
+            "log_dir": str(log_dir) if log_dir else None, "points": [
         {"label": pl.point.label, "seed": pl.point.seed, "signature": pl.signature, "run_id": pl.run_id,
          "workdir": str(root / pl.workdir_name), "checkpoint": getattr(pl, "checkpoint", None),
          "config": OmegaConf.to_yaml(pl.cfg, resolve=True)}
@@ -341,7 +345,7 @@ def submit_prepared(arrays: list[dict], cl, uri: str, root: Path) -> None:
             if b["job_id"]:
                 a["script"] = a["script"].replace(_array_placeholder(k), b["job_id"])
         a["log_dir"].mkdir(parents=True, exist_ok=True)
-        write_manifest(a["manifest"], a["points"], uri, root, a["phase"], cl.max_requeues)
+        write_manifest(a["manifest"], a["points"], uri, root, a["phase"], cl.max_requeues, a["log_dir"])
         a["job_id"] = sbatch(a["script"])
 
 

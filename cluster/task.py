@@ -1,6 +1,8 @@
 """What one SLURM array task runs: `python -m cluster.task MANIFEST`.
 
 It picks its point by SLURM_ARRAY_TASK_ID, records the SLURM job in the point's MLflow run, and runs it.
+When it ends, however it ends short of a kill, it attaches its SLURM output files to the run
+(`logs/slurm-<array>_<task>.out` / `.err`). Its first start logs the wait since submission as `queue_s`.
 USR2 (sent `signal_delay_s` before the time limit, or by `scancel --signal=USR2`) makes the training
 loop write a checkpoint at the next step and stop; the task then requeues itself with `scontrol requeue`
 -- at most `max_requeues` times -- and the requeued task resumes from that checkpoint into the same MLflow
@@ -15,9 +17,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 
 def main(manifest_path: str) -> int:
+    started = time.time()  # before the heavy imports: they are the job's start-up, not its wait
     from core import tracking
     from core.config import REPO
     from core.job import run_point
@@ -47,10 +52,12 @@ def main(manifest_path: str) -> int:
         log.tag("code", str(REPO))  # the launch's snapshot (cluster/snapshot.py) this task imports its code from
     print(f"[mimsweep] {point['label']} seed={point['seed']} sig={point['signature']} run={point['run_id']} "
           f"job={job} phase={manifest['phase']} restarts={restarts}", flush=True)
+    # from submission to this task's start; a requeued task's own wait is not known
+    queue_s = started - manifest["submitted_at"] if restarts == 0 and manifest.get("submitted_at") else None
     try:
         run_point(point["config"], point["run_id"], manifest["uri"], point["workdir"],
                   should_stop=lambda: stop["signal"] is not None, phase=manifest["phase"],
-                  checkpoint=point.get("checkpoint"))
+                  checkpoint=point.get("checkpoint"), queue_s=queue_s)
     except Preempted as e:
         if rank != 0:
             return 0
@@ -68,7 +75,19 @@ def main(manifest_path: str) -> int:
             print(f"[mimsweep] scontrol requeue failed: {res.stderr.strip()}", file=sys.stderr, flush=True)
             return 1
         return 0
+    finally:
+        if rank == 0 and manifest.get("log_dir"):
+            attach_output(c, point["run_id"], Path(manifest["log_dir"]), job)
     return 0
+
+
+def attach_output(c, run_id: str, log_dir: Path, job: str) -> None:
+    """This task's SLURM output files (`<array>_<task>.out/.err`, as written so far) -> the run's `logs/`."""
+    from core import tracking
+    sys.stdout.flush()
+    sys.stderr.flush()
+    tracking.attach_files(c, run_id, {f"slurm-{job}{ext}": log_dir / f"{job}{ext}" for ext in (".out", ".err")},
+                          "logs")
 
 
 if __name__ == "__main__":

@@ -116,14 +116,18 @@ def _count_flops(cfg, run_id: str, c, log) -> dict:
 
 
 def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: False, phase: str = "all",
-              checkpoint: str | None = None) -> dict:
+              checkpoint: str | None = None, queue_s: float | None = None) -> dict:
     """cfg: resolved point config (DictConfig or YAML text). Returns the evaluation metrics (rank 0).
+
+    `queue_s`: how long the job waited between its launch handing it over and its start (the backend knows
+    it), logged with the results as the metric `queue_s` (`pretrain_queue_s` for a pre-training-only task).
+    The data it reads are logged as the run's dataset inputs (once: the store drops repeats).
 
     phase `evaluate` reads a finished pre-training checkpoint and trains nothing: `checkpoint` (another run's,
     whose pre-training signature is this point's: core/tracking/identity.py), else this run's own in `workdir`.
     A run that completes its pre-training records the checkpoint's absolute path in the tag
     `mimsweep.checkpoint`: later points of any sweep with the same pre-training signature evaluate it."""
-    from core.training.data import load_split
+    from core.training.data import describe, load_split
     from core.evaluation.evaluate import evaluate
     from core.targets.teachers import build_teacher
     from core.training.loop import (NonFiniteLoss, Preempted, build_model, load_checkpoint, pretrain, schedule,
@@ -150,6 +154,9 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
         if cfg.get("task") == "flops":
             return _count_flops(cfg, run_id, c, log)
         train_split, test_split = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+        datasets = [describe(cfg.data, "train", train_split), describe(cfg.data, "test", test_split)]
+        if lead:
+            tracking.patiently(tracking.log_datasets, c, run_id, datasets, wait_s=wait, what="dataset inputs")
         ckpt = Path(checkpoint) if phase == "evaluate" and checkpoint else Path(workdir) / "checkpoint.pt"
         total = schedule(cfg, len(train_split.dataset), world)[0]
         state = None
@@ -180,7 +187,8 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
             results = evaluate(model.encoder, cfg, train_split, test_split, device, workdir=workdir, run_id=run_id)
             if cfg.evaluate.floor:  # same architecture and seed, untrained: computed once per key (core/evaluation/floors.py)
                 from core.evaluation.floors import floor_metrics
-                floor, floor_runs = floor_metrics(c, run_id, model.encoder, cfg, train_split, test_split, device)
+                floor, floor_runs = floor_metrics(c, run_id, uri, model.encoder, cfg, train_split, test_split,
+                                                  device, datasets)
                 results.update(floor)
                 if floor_runs:
                     log.tag("floor_runs", json.dumps(floor_runs, sort_keys=True))
@@ -190,6 +198,8 @@ def run_point(cfg, run_id: str, uri: str, workdir: str, should_stop=lambda: Fals
                            epoch_s=len(train_split.dataset) / stats["img_per_s"])
         # wall_s is the whole point's; a pre-training-only task reports its own share under another name
         results["pretrain_job_wall_s" if phase == "pretrain" else "wall_s"] = time.perf_counter() - t0
+        if queue_s is not None:  # with the results, not first: MLflow's Compare opens on a run's first metric
+            results["pretrain_queue_s" if phase == "pretrain" else "queue_s"] = max(queue_s, 0.0)
         # A job that evaluates again after its results arrived (killed before its final status) logs none twice.
         done = tracking.patiently(tracking.logged_at, c, run_id, list(results), stats["steps"], wait_s=wait,
                                   what="metric history") if lead and stats["resumed_from"] else set()

@@ -85,13 +85,13 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
         run = found.get(id(pl))
         if run is None or run.info.status != tracking.FINISHED:
             continue
-        params.append(run.data.params)
+        params.append(read.params_of(run.data))
         smoke |= read.is_smoke(run.data.params)
         by = run.data.tags.get(tracking.TAG + "pretrained_by")
         if by and by not in trainers:
             try:
                 t = c.get_run(by).data
-                trainers[by] = (t.metrics, read.run_device_h(t.metrics, t.params, False), t.params)
+                trainers[by] = (t.metrics, read.run_device_h(t.metrics, read.params_of(t), False), read.params_of(t))
             except Exception:  # noqa: BLE001 - a deleted trainer run: its evaluation still counts
                 trainers[by] = ({}, float("nan"), {})
         if by:
@@ -192,10 +192,28 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
         return 2
     print(table.to_markdown(rep))
     out_dir = Path(cfg.get("report_dir") or Path(cfg.output_root) / "reports" / name)
-    write(rep, out_dir)
+    paths = write(rep, out_dir)
     print(f"{len(runs)}/{len(planned)} point(s) from experiment '{experiment}' at {tracking.redact(uri)}; wrote "
           f"{out_dir}/{name}.{{md,tex,csv,html,png,svg}} and {name}_agreement.csv", file=sys.stderr)
+    attach(uri, experiment, name, paths)
     return 0
+
+
+def attach(uri: str, experiment: str, sweep: str, paths: list[Path]) -> None:
+    """The report's files -> the artifact folder `report/` of the sweep's latest launch run, where MLflow users
+    look for them (best effort: the files on disk are the report)."""
+    from core import tracking
+    try:
+        c = tracking.client(uri)
+        launch = tracking.latest_launch(c, c.get_experiment_by_name(experiment).experiment_id, sweep)
+    except Exception as e:  # noqa: BLE001
+        print(f"note: the report was not attached in MLflow ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+        return
+    if launch is None:
+        print(f"note: no launch run of {sweep} in '{experiment}': the report was not attached in MLflow", file=sys.stderr)
+        return
+    sent = tracking.attach_files(c, launch.info.run_id, {p.name: p for p in paths}, "report")
+    print(f"attached {len(sent)} file(s) to the launch run {launch.info.run_id[:8]} (artifacts report/)", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path="../sweeps/conf", config_name="config")

@@ -52,6 +52,15 @@ def is_smoke(params: dict) -> bool:
     return same * 2 >= len(settings)
 
 
+def params_of(data) -> dict:
+    """A run's params with its cluster keys: a launch tags those `mimsweep.cluster.*` instead of logging them
+    as params (core/tracking/runs.py: operational keys are no params); runs of earlier versions have them as
+    params."""
+    from core import tracking
+    tags = {k[len(tracking.TAG):]: v for k, v in data.tags.items() if k.startswith(tracking.TAG + "cluster.")}
+    return {**data.params, **tags}
+
+
 def devices(params: dict, evaluation: bool) -> int:
     """Devices one task of this run held: the SLURM profile's GPUs per task (`cluster.eval.*` for an
     evaluation task), 1 for a CPU job or a local run."""
@@ -155,7 +164,7 @@ def row_of(run, label: str, seed, trainer: tuple | None = None) -> dict:
     metrics = dict(run.data.metrics)
     by = run.data.tags.get(tracking.TAG + "pretrained_by")
     row = {"label": label, "seed": seed, "run_id": run.info.run_id,
-           "device_h": run_device_h(metrics, run.data.params, bool(by)), "test_images": test_images(run.data.params)}
+           "device_h": run_device_h(metrics, params_of(run.data), bool(by)), "test_images": test_images(run.data.params)}
     if by:  # evaluation only: the pre-training's own figures (pretrain_wall_s, epoch_s, ...) are its trainer's
         t_metrics, t_cost = trainer or ({}, float("nan"))
         row.update(pretrained_by=by, pretrain_device_h=t_cost)

@@ -168,10 +168,10 @@ def build_report(s: Sweep, by_id: dict) -> table.Report | None:
     for r in finished:
         by = r.data.tags.get(tracking.TAG + "pretrained_by")
         trainer = by_id.get(by)
-        t = (trainer.data.metrics, read.run_device_h(trainer.data.metrics, trainer.data.params, False)) \
+        t = (trainer.data.metrics, read.run_device_h(trainer.data.metrics, read.params_of(trainer.data), False)) \
             if trainer else None
         rows.append(read.row_of(r, r.data.tags.get(tracking.TAG + "label", "?"), r.data.params.get("seed"), t))
-        params.append(r.data.params)
+        params.append(read.params_of(r.data))
     frame = pd.DataFrame(rows, columns=None if rows else ["label"])
     have = [k for k in frame.columns if pd.to_numeric(frame[k], errors="coerce").notna().any()]
     try:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import itertools
 import math
 import unicodedata

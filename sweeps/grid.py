@@ -23,6 +23,19 @@ class Point:
     label: str                      # the report's row, e.g. "75%" or "teacher via channel"
     seed: int
     overrides: list[str]            # Hydra overrides of this point (fixed + swept + seed)
+    name: str = ""                  # what the point is, for its MLflow run name ("mask_ratio=75%"); "" = label
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.name or self.label} seed={self.seed}"
+
+
+def point_name(label: str, own: list[str]) -> str:
+    """A label that is only a value ("2", "75%") says nothing on its own outside the report's table: it is
+    named by the key the point sets (`num_proxies=2`); a label with words in it says the point already."""
+    bare = label.rstrip("%").replace(".", "", 1).lstrip("-").isdigit()
+    keys = [o.split("=", 1)[0].lstrip("+~").split(".")[-1] for o in own if "=" in o]
+    return f"{keys[0]}={label}" if bare and len(keys) == 1 else label
 
 
 def format_value(value, fmt: str | None) -> str:
@@ -60,4 +73,5 @@ def expand(spec) -> list[Point]:
             rows.append((str(p["label"]), list(p.get("overrides") or [])))
     else:
         raise ValueError(f"sweep {spec.get('name')}: declares neither `grid` nor `points`")
-    return [Point(label, seed, fixed + ovr + [f"seed={seed}"]) for label, ovr in rows for seed in seeds]
+    return [Point(label, seed, fixed + ovr + [f"seed={seed}"], point_name(label, ovr)) for label, ovr in rows
+            for seed in seeds]

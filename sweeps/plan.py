@@ -232,6 +232,15 @@ def check_added_keys(task_overrides: list[str], base: list[str], point: Point, c
         raise unknown_key(key, value, known)
 
 
+def single_name(overrides: list[str]) -> str:
+    """The run name of a launch without a sweep (e.g. each job of `-m`): its overrides that change the result
+    (not where or how it runs, not the seed, which the run name adds), or "default"."""
+    from core.config import RUN_ONLY
+    said = [o for o in overrides if not any(override_key(o) == k or override_key(o).startswith(k + ".")
+                                            for k in (*RUN_ONLY, "hydra", "seed"))]
+    return ", ".join(said) or "default"
+
+
 def plan(cfg: DictConfig, task_overrides: list[str], check: bool = True) -> tuple[str, list[Planned]]:
     """The sweep's points, composed, (checked,) with their signatures. `check=False` (cluster/status.py: the
     launch checked them) neither validates the points nor imports a method (and with it torch): the
@@ -242,6 +251,8 @@ def plan(cfg: DictConfig, task_overrides: list[str], check: bool = True) -> tupl
     check_command_line(task_overrides)
     name, points = sweep_points(cfg)
     base = user_overrides(task_overrides)
+    if name == "single":
+        points[0].name = single_name(base)
     check_swept(cfg, name, points, base)
     planned, cache = [], {}
     check_added_keys(task_overrides, base, points[0], cache)

@@ -246,7 +246,9 @@ def test_floor_is_computed_once_per_key_and_reused(compose, tmp_path):
         cfg, rid = _point(compose, c, exp_id, tmp_path, f"method.mask_ratio={ratio}")
         run_point(cfg, rid, uri, str(tmp_path / f"p{i}"))
         runs.append(c.get_run(rid))
-    floors = c.search_runs([exp_id], "tags.`mimsweep.kind` = 'floor'")
+    floors_exp = c.get_experiment_by_name("mimsweep-floors").experiment_id   # their own experiment
+    assert not c.search_runs([exp_id], "tags.`mimsweep.kind` = 'floor'")     # none among the points
+    floors = c.search_runs([floors_exp], "tags.`mimsweep.kind` = 'floor'")
     assert sorted(r.data.tags["mimsweep.floor_protocol"] for r in floors) == ["knn", "linear"]
     assert all(r.info.status == "FINISHED" for r in floors)
     a, b = (r.data for r in runs)
@@ -257,7 +259,7 @@ def test_floor_is_computed_once_per_key_and_reused(compose, tmp_path):
     # another protocol config is another key: only the linear floor is computed again
     cfg, rid = _point(compose, c, exp_id, tmp_path, "evaluate.linear.epochs=3")
     run_point(cfg, rid, uri, str(tmp_path / "p3"))
-    floors = c.search_runs([exp_id], "tags.`mimsweep.kind` = 'floor'")
+    floors = c.search_runs([floors_exp], "tags.`mimsweep.kind` = 'floor'")
     assert sorted(r.data.tags["mimsweep.floor_protocol"] for r in floors) == ["knn", "linear", "linear"]
     # point runs are what launches and reports see; floor runs are not among them
     assert len(tracking.runs_by_signature(c, exp_id)) == 3

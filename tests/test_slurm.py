@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -73,7 +74,14 @@ def test_smoke_sweep_runs_as_one_array_then_relaunch_submits_nothing(slurm_clust
     runs = _wait_runs(mlflow_server, "slurm_e2e", 4)
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["mimsweep.slurm_job_all"].split("_")[0] for r in runs} == {ids[0]}
-    assert all("knn_top1" in r.data.metrics for r in runs)
+    assert all("knn_top1" in r.data.metrics and r.data.metrics["queue_s"] >= 0 for r in runs)
+    c = MlflowClient(mlflow_server)
+    for r in runs:  # each task attaches its SLURM output to its run as it ends (just after the run's status)
+        log = f"logs/slurm-{r.data.tags['mimsweep.slurm_job_all']}.out"
+        deadline = time.time() + 60
+        while time.time() < deadline and log not in [a.path for a in c.list_artifacts(r.info.run_id, "logs")]:
+            time.sleep(1)
+        assert "sig=" in Path(c.download_artifacts(r.info.run_id, log, str(tmp_path))).read_text()
 
     after = run_cli(*args)
     assert after.returncode == 0

@@ -7,15 +7,19 @@ sweep (or the points of every sweep on the same model/data/seed) share it. The k
 those (`floor_key`); one key per protocol, so adding `finetune` to a finished sweep computes only the
 fine-tuning floor.
 
-Where the cache lives: in MLflow, as a run of the point's experiment tagged `mimsweep.kind=floor` and
-`mimsweep.floor_key=<key>` holding the floor's metrics. Every job already talks to the tracking server,
-so SLURM tasks on different nodes find each other's floors; a file under `output_root` would need a
-filesystem shared by the nodes, which a cluster's node-local scratch is not. Point runs are tagged
-`kind=point` and floors `kind=floor`, so launches and reports (which select point runs) never see floors.
-Two tasks that miss the same key at the same moment both compute it and both store it (the same numbers
-up to nondeterministic kernels); later ones take the oldest. Each point run still logs the floor's
-metrics (`floor_<metric>`) and tags the floor run it took them from (`mimsweep.floor_runs`), so reports
-read floors as before.
+Where the cache lives: in MLflow, as runs of their own experiment `mimsweep-floors` (one for the whole
+store, so every sweep shares them), tagged `mimsweep.kind=floor` and `mimsweep.floor_key=<key>`, holding the
+protocol's metrics under its own names (`knn_top1`, ...). Every job already talks to the tracking server, so
+SLURM tasks on different nodes find each other's floors; a file under `output_root` would need a filesystem
+shared by the nodes, which a cluster's node-local scratch is not. A sweep's experiment holds its points only:
+its charts and Compare never mix floors in. Each point run logs the floor's metrics as `floor_<metric>` and
+tags the floor runs it took them from (`mimsweep.floor_runs`, {protocol: run id}), so reports read floors as
+before. Floor runs that older versions kept in the sweep's experiment are still found and reused.
+
+Exactly once per key, however many points reach it together: the point that takes the key's claim
+(core/tracking/claims.py: an atomic create in the store, released when the floor run is FINISHED, taken over
+when its holder died) computes it into a RUNNING floor run; the others wait for that run to finish and read
+it. A point holding some keys and waiting for others computes its own first, so nobody waits while holding.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from core import tracking
+from core import faults, tracking
 from core.evaluation.common import arch_kwargs
 from core.evaluation.evaluate import FLOOR_PROTOCOLS, evaluate
 
@@ -59,49 +63,108 @@ def floor_encoder(encoder, seed: int):
         return ViTEncoder(**arch_kwargs(encoder))
 
 
-def find_floor(c, exp_id: str, key: str):
-    runs = c.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG}floor_key` = '{key}' and "
-                                                 f"attributes.status = 'FINISHED'",
-                         max_results=1, order_by=["attributes.start_time ASC"])
-    return runs[0] if runs else None
+FLOORS = "mimsweep-floors"
+POLL_S = 2.0   # how often a point waiting for another's floor looks again
+NOTE = ("**Random-init floors** of mimsweep: what each evaluation protocol gives on the same encoder "
+        "architecture at random init (seeded by `seed`), the number pre-training has to beat. One run per key "
+        "(`mimsweep.floor_key`: architecture, input size, data, seed and the protocol's config), computed once "
+        "and shared by every sweep of this store; point runs log these values as `floor_<metric>` and name "
+        "the runs they took them from in the tag `mimsweep.floor_runs`. See core/evaluation/floors.py.")
 
 
-def store_floor(c, exp_id: str, key: str, protocol: str, metrics: dict, cfg, source_run: str) -> str:
-    from mlflow.entities import Metric, Param
-    run = c.create_run(exp_id, run_name=f"floor {protocol} {key}", tags={
-        tracking.TAG + "kind": "floor", tracking.TAG + "floor_key": key, tracking.TAG + "floor_protocol": protocol,
-        tracking.TAG + "source_run": source_run})
+def floors_experiment(c, uri: str) -> str:
+    """The store's floor experiment (create-or-get), with its kind and description."""
+    exp_id = tracking.experiment_id(c, FLOORS, uri)
+    tracking.describe_experiment(c, exp_id, NOTE)
+    return exp_id
+
+
+def find_floor(c, exp_ids: list[str], key: str, status: str = "FINISHED"):
+    runs = c.search_runs(exp_ids, filter_string=f"tags.`{tracking.TAG}floor_key` = '{key}' and "
+                                                f"attributes.status = '{status}'",
+                         max_results=100 if status != "FINISHED" else 1, order_by=["attributes.start_time ASC"])
+    return runs if status != "FINISHED" else (runs[0] if runs else None)
+
+
+def start_floor(c, exp_id: str, key: str, protocol: str, cfg, source_run: str) -> str:
+    """The key's floor run, RUNNING while it is computed (its start time and duration are the computation's).
+    Floor runs of the key left RUNNING by a holder that died are marked FAILED first: only the claim's holder
+    computes a key, so none of them is still at work."""
+    from mlflow.entities import Param
+    for stale in find_floor(c, [exp_id], key, status="RUNNING"):
+        tracking.set_status(c, stale.info.run_id, "FAILED", "the job computing this floor ended before it finished")
+    run = c.create_run(exp_id, run_name=f"floor {protocol} {cfg.model.name} {cfg.data.name} seed={cfg.seed}",
+                       tags={tracking.TAG + "kind": "floor", tracking.TAG + "floor_key": key,
+                             tracking.TAG + "floor_protocol": protocol, tracking.TAG + "source_run": source_run})
     rid = run.info.run_id
-    now = int(time.time() * 1000)
-    c.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                params=[Param("seed", str(cfg.seed)), Param("model.name", str(cfg.model.name)),
-                        Param("data.name", str(cfg.data.name))])
-    tracking.set_status(c, rid, tracking.FINISHED)
+    c.log_batch(rid, params=[Param("seed", str(cfg.seed)), Param("model.name", str(cfg.model.name)),
+                             Param("data.name", str(cfg.data.name))])
+    tracking.set_status(c, rid, "RUNNING")
     return rid
+
+
+def finish_floor(c, rid: str, metrics: dict, datasets: list[dict]) -> None:
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    c.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    tracking.log_datasets(c, rid, datasets)
+    tracking.set_status(c, rid, tracking.FINISHED)
 
 
 def of_protocol(metrics: dict, protocol: str) -> dict:
     return {k: v for k, v in metrics.items() if k.startswith(PREFIXES[protocol])}
 
 
-def floor_metrics(c, run_id: str, encoder, cfg, train_split, test_split, device) -> tuple[dict, dict]:
+def floor_metrics(c, run_id: str, uri: str, encoder, cfg, train_split, test_split, device,
+                  datasets: list[dict] = ()) -> tuple[dict, dict]:
     """-> ({'floor_<metric>': value}, {protocol: floor run id}) for the floor-able protocols of
-    `evaluate.protocols`: reused where a finished floor run has the key, computed (and stored) otherwise."""
-    exp_id = c.get_run(run_id).info.experiment_id
-    wanted = [p for p in cfg.evaluate.protocols if p in FLOOR_PROTOCOLS]
-    keys = {p: floor_key(encoder, cfg, p) for p in wanted}
-    found = {p: find_floor(c, exp_id, k) for p, k in keys.items()}
-    metrics, runs = {}, {}
-    for p, r in found.items():
-        if r is not None:
-            metrics.update(of_protocol(r.data.metrics, p))
-            runs[p] = r.info.run_id
-    missing = [p for p, r in found.items() if r is None]
-    if missing:  # one evaluation of the untrained encoder for all of them (k-NN and linear share features)
-        fresh = floor_encoder(encoder, cfg.seed).to(device)
-        computed = evaluate(fresh, cfg, train_split, test_split, device, protocols=missing, name="floor ")
-        for p in missing:
-            mine = of_protocol(computed, p)
-            runs[p] = store_floor(c, exp_id, keys[p], p, mine, cfg, run_id)
-            metrics.update(mine)
+    `evaluate.protocols`: read from the key's finished floor run, computed (once: see the module's docstring)
+    where there is none. `datasets`: the inputs to record on a floor run this point computes."""
+    exp_id = floors_experiment(c, uri)
+    where = list(dict.fromkeys([exp_id, c.get_run(run_id).info.experiment_id]))  # + floors of older versions
+    keys = {p: floor_key(encoder, cfg, p) for p in cfg.evaluate.protocols if p in FLOOR_PROTOCOLS}
+    metrics, runs, said = {}, {}, set()
+    location = tracking.artifact_location(uri)
+    while len(runs) < len(keys):
+        for p in [p for p in keys if p not in runs]:
+            r = find_floor(c, where, keys[p])
+            if r is not None:
+                metrics.update(of_protocol(r.data.metrics, p))
+                runs[p] = r.info.run_id
+        missing = [p for p in keys if p not in runs]
+        held = {p: tracking.claim(c, f"floor {keys[p]}", f"a point is computing the {p} floor {keys[p]}", location)
+                for p in missing}
+        mine = [p for p in missing if held[p] is not None]
+        try:
+            for p in mine:  # a holder that finished between our search and our claim: its run is there now
+                r = find_floor(c, where, keys[p])
+                if r is not None:
+                    metrics.update(of_protocol(r.data.metrics, p))
+                    runs[p] = r.info.run_id
+            todo = [p for p in mine if p not in runs]
+            if todo:  # one evaluation of the untrained encoder for all of them (k-NN and linear share features)
+                started = {p: start_floor(c, exp_id, keys[p], p, cfg, run_id) for p in todo}
+                faults.point("floor.started")   # tests/test_tracking_layout.py: a holder killed here
+                try:
+                    fresh = floor_encoder(encoder, cfg.seed).to(device)
+                    computed = evaluate(fresh, cfg, train_split, test_split, device, protocols=todo, name="floor ")
+                except BaseException as e:
+                    for rid in started.values():
+                        tracking.set_status(c, rid, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                                            f"{type(e).__name__}: {e}")
+                    raise
+                for p in todo:
+                    finish_floor(c, started[p], of_protocol(computed, p), list(datasets))
+                    runs[p] = started[p]
+                    metrics.update(of_protocol(computed, p))
+        finally:
+            for claim in held.values():
+                if claim is not None:
+                    claim.release()
+        waiting = [p for p in keys if p not in runs]
+        if waiting:
+            if not said.issuperset(waiting):
+                print(f"floor: waiting for another point's {', '.join(waiting)} floor", flush=True)
+                said.update(waiting)
+            time.sleep(POLL_S)
     return {f"floor_{k}": v for k, v in metrics.items()}, runs

@@ -1,15 +1,34 @@
 """The MLflow layout of a sweep: which runs exist, what they carry, and how a launch finds them again.
 
 - one experiment per sweep (named after it), a *parent* run per launch, a *child* run per grid point;
-- child params: the flattened resolved config, with the config's own key names (`method.mask_ratio`);
+- the experiment: kind `custom_model_development` (tag `mlflow.experimentKind`: a model-training experiment,
+  not GenAI) and a description (tag `mlflow.note.content`: the sweep's title, the paper table it rebuilds,
+  the latest launch command and the report command): `describe_experiment`. MLflow 3.17's UI picks the
+  runs or traces view from its own GenAI / Model training switch, not from the kind: the link a launch
+  prints sets it (store.ui_link);
+- the launch run: named `<sweep> launch <time>`, its description the launch command; reports/build.py
+  attaches the report's files to the latest one (artifact folder `report/`);
+- a child run is named for its point (`mask_ratio=60% seed=0`, `num_proxies=2 seed=0`, or for a run without
+  a sweep its overrides: sweeps/grid.py, sweeps/plan.py). A local launch creates it when its job starts, so
+  MLflow's start time and duration are the job's (a SLURM point's run is created at submission: the queue
+  outlives the launch); `queue_s` says how long the job waited (cluster/local.py, cluster/task.py);
+- child params: the flattened resolved config without the operational keys (core.config.RUN_ONLY: where
+  and how it runs: cluster.*, tracking.*, output_root, dry_run, device, ...), with the config's own key
+  names (`method.mask_ratio`); the whole resolved config, those keys included, is the `config.yaml` artifact.
+  What the report needs of them is a tag: `mimsweep.cluster.backend`, `mimsweep.cluster.gpus_per_task`,
+  `mimsweep.cluster.eval.gpus_per_task`;
 - child tags: sweep, row label, the point's overrides, git commit/dirty, host, launch, and its identity
   (core/tracking/identity.py): `pretrain_signature`, `eval_signature`, the legacy `signature`; `checkpoint`
   (the absolute path of the finished pre-training's checkpoint, set by the job that trained it) or, on a run
   that only evaluates another's pre-training, `pretrained_by` (that run's id) and `pretrained_checkpoint`;
 - child metrics: `train_loss`/`lr`/`throughput_img_s` per logged step (sent in batches at every
   checkpoint, never one blocking call per step: core/tracking/metrics.py), `knn_top1`, `linear_top1`,
-  their `floor_` twins at random init, `pretrain_wall_s`, `wall_s`;
-- artifact: `config.yaml`, the resolved config.
+  their `floor_` twins at random init, `pretrain_wall_s`, `wall_s`, `queue_s` (logged with the results, not
+  first: MLflow's Compare opens its plot on a run's first metric, which stays `train_loss`);
+- child inputs: the datasets the run read (`log_datasets`: name, digest, source; context train / test);
+- artifacts: `config.yaml`, the resolved config; `logs/`, the job's output (a local point's `point.log`, a
+  SLURM task's `slurm-<job>.out/.err`: `attach_files`);
+- random-init floors are runs of their own experiment `mimsweep-floors` (core/evaluation/floors.py).
 A point's identity finds its runs again: FINISHED ones are skipped by the next launch, others resumed, and
 finished pre-trainings are found in the whole store (sweeps/plan.py decide).
 """
@@ -24,32 +43,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from core.config import REPO, flatten
+from core.config import REPO, science_params
 
 TAG = "mimsweep."
 FINISHED = "FINISHED"
+KIND = "custom_model_development"   # the value of `mlflow.experimentKind` for which the UI shows runs
+OPERATIONAL_TAGS = ("cluster.backend", "cluster.gpus_per_task", "cluster.eval.gpus_per_task")
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+def describe_experiment(c, exp_id: str, note: str) -> None:
+    """The experiment's kind (set once: a user may change it in the UI) and its description (Markdown).
+    Jobs starting together may write the same new tag at once: on a SQL store the loser's insert fails, and
+    the tag is there all the same."""
+    exp = c.get_experiment(exp_id)
+    for key, value in (("mlflow.experimentKind", KIND), ("mlflow.note.content", note)):
+        if key in exp.tags and (key == "mlflow.experimentKind" or exp.tags[key] == value):
+            continue
+        try:
+            c.set_experiment_tag(exp_id, key, value)
+        except Exception:  # noqa: BLE001 - a concurrent writer of the same tag (unique key): it exists now
+            if key not in c.get_experiment(exp_id).tags:
+                raise
 
 
 @functools.lru_cache(maxsize=1)  # once per launch, not twice per point of a 1,000-point grid
@@ -62,10 +76,6 @@ def git_state() -> tuple[str, bool]:
         return commit or "unknown", dirty
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
-
-
-
-
 
 
 def _search_all(c, exp_ids: list[str], flt: str) -> list:
@@ -168,13 +178,23 @@ def runs_by_signature(c, exp_id: str, sweep: str | None = None) -> dict:
     return out
 
 
-def start_launch(c, exp_id: str, sweep: str, overrides: list[str], n_points: int) -> str:
+def start_launch(c, exp_id: str, sweep: str, overrides: list[str], n_points: int, command: str = "") -> str:
+    """The launch's parent run (RUNNING); `command`: the launch command, its description."""
     commit, dirty = git_state()
-    run = c.create_run(exp_id, run_name=f"{sweep} launch {time.strftime('%Y-%m-%d %H:%M:%S')}", tags={
-        TAG + "kind": "launch", TAG + "sweep": sweep, TAG + "overrides": json.dumps(overrides),
-        TAG + "points": str(n_points), TAG + "git_commit": commit, TAG + "git_dirty": str(dirty),
-        TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid()), "mlflow.source.git.commit": commit})
+    tags = {TAG + "kind": "launch", TAG + "sweep": sweep, TAG + "overrides": json.dumps(overrides),
+            TAG + "points": str(n_points), TAG + "git_commit": commit, TAG + "git_dirty": str(dirty),
+            TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid()), "mlflow.source.git.commit": commit}
+    if command:
+        tags["mlflow.note.content"] = f"`{command}`"
+    run = c.create_run(exp_id, run_name=f"{sweep} launch {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags)
     return run.info.run_id
+
+
+def latest_launch(c, exp_id: str, sweep: str):
+    """The latest launch run of a sweep in an experiment, or None."""
+    runs = c.search_runs([exp_id], filter_string=f"tags.`{TAG}kind` = 'launch' and tags.`{TAG}sweep` = '{sweep}'",
+                         max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
 
 
 def close_orphaned_launches(c, exp_id: str) -> list[str]:
@@ -200,10 +220,23 @@ def close_orphaned_launches(c, exp_id: str) -> list[str]:
     return closed
 
 
+def operational_tags(cfg) -> dict:
+    """The operational keys a reader of the runs needs (reports/build.py: devices per task), as tags: they are
+    no params (see the module's docstring). Set at every launch of the run: a relaunch may change them."""
+    from omegaconf import OmegaConf
+    out = {}
+    for key in OPERATIONAL_TAGS:
+        v = OmegaConf.select(cfg, key, default=None)
+        if v is not None:
+            out[TAG + key] = str(v)
+    return out
+
+
 def create_point_run(c, exp_id: str, parent_id: str | None, sweep: str, label: str, overrides: list[str],
-                     sig: str, cfg, identity: dict | None = None) -> str:
+                     sig: str, cfg, identity: dict | None = None, name: str | None = None) -> str:
     """A SCHEDULED child run holding the point's params, tags and resolved config. `sig`: the legacy
-    signature (tag `signature`); `identity`: more tags (pretrain_signature, eval_signature, pretrained_by, ...)."""
+    signature (tag `signature`); `identity`: more tags (pretrain_signature, eval_signature, pretrained_by, ...);
+    `name`: the run's name (default: `<label> seed=<seed>`)."""
     from mlflow.entities import Param
     from omegaconf import OmegaConf
 
@@ -211,12 +244,13 @@ def create_point_run(c, exp_id: str, parent_id: str | None, sweep: str, label: s
     tags = {TAG + "kind": "point", TAG + "sweep": sweep, TAG + "label": label, TAG + "signature": sig,
             **{TAG + k: v for k, v in (identity or {}).items() if v is not None},
             TAG + "overrides": json.dumps(overrides), TAG + "git_commit": commit, TAG + "git_dirty": str(dirty),
-            TAG + "host": socket.gethostname(), "mlflow.source.git.commit": commit}
+            TAG + "host": socket.gethostname(), "mlflow.source.git.commit": commit, **operational_tags(cfg)}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
-    run = c.create_run(exp_id, run_name=f"{label} seed={cfg.seed}", tags=tags)
+    run = c.create_run(exp_id, run_name=name or f"{label} seed={cfg.seed}", tags=tags)
     rid = run.info.run_id
-    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(cfg).items()]
+    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+              for k, v in science_params(cfg).items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         c.log_batch(rid, params=params[i:i + 100])
     c.log_text(rid, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -245,18 +279,46 @@ def set_status(c, run_id: str, status: str, reason: str | None = None) -> None:
         c.set_terminated(run_id, status)
 
 
-
-
-
-
-
-
-
-
-
-
 def logged_at(c, run_id: str, keys: list[str], step: int) -> set[str]:
     """Those of `keys` the run already holds at `step`."""
     return {k for k in keys if any(m.step == step for m in c.get_metric_history(run_id, k))}
 
 
+
+
+def attach_files(c, run_id: str, files: dict, folder: str) -> list[str]:
+    """Upload {artifact name: local path} into the run's artifact `folder` (files that exist; a file uploaded
+    before is replaced by its longer self). Best effort: what could not be sent is named in the result
+    (-> the names sent), never raised, so a log never fails the run it belongs to."""
+    import shutil
+    import tempfile
+    sent = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in files.items():
+            if not Path(path).is_file():
+                continue
+            try:
+                shutil.copyfile(path, Path(tmp) / name)   # a snapshot: the job may still be writing the file
+                c.log_artifact(run_id, str(Path(tmp) / name), folder)
+                sent.append(name)
+            except Exception as e:  # noqa: BLE001
+                print(f"[mimsweep] could not attach {path} to run {run_id[:8]}: {type(e).__name__}: {str(e)[:160]}",
+                      flush=True)
+    return sent
+
+
+def log_datasets(c, run_id: str, datasets: list[dict]) -> None:
+    """The data a run read, as MLflow dataset inputs: each {name, digest, source, context, profile}
+    (core/training/data.py `describe`). The store keeps one input per (name, digest) and run, so a resumed
+    job that logs them again adds nothing."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                                   source=json.dumps({"uri": d["source"]}), profile=json.dumps(d.get("profile", {}))),
+                           tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+    if not inputs:
+        return
+    try:
+        c.log_inputs(run_id, datasets=inputs)
+    except Exception:  # noqa: BLE001 - another run logged the same new dataset at the same moment (a unique
+        time.sleep(0.5)  # key of the SQL store): it exists now, and this second call links it to the run
+        c.log_inputs(run_id, datasets=inputs)

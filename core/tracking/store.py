@@ -173,6 +173,12 @@ def find_experiment(c, name: str) -> str | None:
     return exp.experiment_id if exp is not None and exp.lifecycle_stage != "deleted" else None
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of the store keeps its artifacts: beside a SQLite database (not in the caller's
+    CWD); None (the server's own choice) for a server."""
+    return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
+
+
 def experiment_id(c, name: str, uri: str) -> str:
     """Create-or-get: a launch racing another one for the same new experiment gets the winner's."""
     exp = c.get_experiment_by_name(name)
@@ -180,9 +186,7 @@ def experiment_id(c, name: str, uri: str) -> str:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the caller's CWD
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    location = artifact_location(uri)
     try:
         return c.create_experiment(name, artifact_location=location)
     except Exception:  # noqa: BLE001 - RESOURCE_ALREADY_EXISTS (server) / unique constraint (SQL store)
@@ -190,6 +194,21 @@ def experiment_id(c, name: str, uri: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+UI_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI opens an experiment on its runs only with this
+
+
+def ui_link(uri: str, exp_id: str) -> str:
+    """Where a user sees the experiment's runs in MLflow's UI. Its GenAI / Model training switch (kept in the
+    browser, GenAI by default) decides whether an experiment opens on traces or runs, whatever the
+    experiment's kind tag says; the link's `workflowType` parameter sets it to Model training. A SQLite store
+    has no server: the line says the command that serves one."""
+    path = f"#/experiments/{exp_id}/runs?{UI_VIEW}"
+    clean = split_credentials(uri)[0]
+    if clean.startswith(("http://", "https://")):
+        return f"{clean.rstrip('/')}/{path}"
+    return f"`mlflow ui --backend-store-uri {redact(uri)}`, then http://127.0.0.1:5000/{path}"
 
 
 # A job's client gives up on an unreachable server after ~10 s (MLflow's default retries take ~4 minutes);

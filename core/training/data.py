@@ -25,7 +25,9 @@ Two paths, same rules:
 """
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -101,6 +103,45 @@ def load_split(cfg, split: str) -> Split:
         # Evenly spaced, so a small limit still covers every class of a class-sorted folder.
         ds = torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, limit).astype(int).tolist())
     return Split(ds, cfg.num_classes)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime: float) -> str:
+    """sha256 of a file's bytes (cached per size and mtime: the embedded subset is read by every run)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest_files(paths: list[Path]) -> str:
+    return "".join(_file_digest(str(p), p.stat().st_size, p.stat().st_mtime) for p in paths)
+
+
+def describe(cfg, split: str, data: Split) -> dict:
+    """What a run read of `split`, for MLflow's dataset inputs (core.tracking.log_datasets): name
+    (`<data.name>-<split>`), digest (12 hex), source (the file or folder), context, and a profile. The digest
+    covers the bytes of the embedded subset and of the Fashion-MNIST IDX files; for an ImageFolder tree it
+    covers the sorted file names and classes, not the bytes (reading every image of ImageNet would cost more
+    than the run's first epoch). The `{split}_limit` subset is part of it."""
+    ds = data.dataset.dataset if isinstance(data.dataset, torch.utils.data.Subset) else data.dataset
+    limit = cfg.get(f"{split}_limit")
+    if cfg.source == "embedded":
+        source, basis, of = EMBEDDED, _digest_files([EMBEDDED]), "file bytes"
+    elif cfg.source == "fashion_mnist":
+        prefix = "train" if split == "train" else "t10k"
+        files = sorted(p for p in Path(cfg.root).glob(f"{prefix}-*-ubyte*"))
+        source, basis, of = Path(cfg.root), _digest_files(files), "file bytes"
+    else:
+        source = Path(cfg.root) / ("train" if split == "train" else "val")
+        names = [str(Path(p).relative_to(source)) for p, _ in getattr(ds, "samples", [])]
+        basis, of = hashlib.sha256("\n".join(names).encode()).hexdigest(), "file names"
+    key = f"{basis}|{split}|{limit}|{len(data.dataset)}"
+    return {"name": f"{cfg.name}-{split}", "digest": hashlib.sha256(key.encode()).hexdigest()[:12],
+            "source": str(Path(source).resolve()), "context": split,
+            "profile": {"num_rows": len(data.dataset), "num_classes": data.num_classes, "limit": limit,
+                        "digest_of": of}}
 
 
 def _to_tensor(img) -> torch.Tensor:
