@@ -47,7 +47,9 @@ def default_sigint() -> None:
 
 
 def launch(out: Path, *extra: str, env: dict | None = None, uri: str | None = None) -> subprocess.Popen:
-    args = [*POINT, f"output_root={out}", *([f"tracking.uri={uri}"] if uri else []), *extra]
+    given = {e.split("=", 1)[0] for e in extra}       # an extra replaces POINT's value: each key once
+    args = [*(a for a in POINT if a.split("=", 1)[0] not in given), f"output_root={out}",
+            *([f"tracking.uri={uri}"] if uri else []), *extra]
     return subprocess.Popen([sys.executable, "sweeps/run.py", *args], cwd=REPO, env=env or _env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=default_sigint)

@@ -334,6 +334,8 @@ def main() -> int:
     import core.job  # noqa: F401 - what a worker imports before (or in) its first point
     import mlflow.tracking  # noqa: F401
     import timm  # noqa: F401
+    import hydra  # noqa: F401 - a local worker is spawned: it imports the launch's main module (sweeps/run.py)
+    import cluster.launch  # noqa: F401
     from core.job import pick_device
     request = json.loads(sys.stdin.read())
     torch.set_num_threads(request["threads"])

@@ -67,6 +67,11 @@ class Patient:
     def __init__(self, c, wait_s: float = PATIENCE_S):
         self._c, self._wait_s = c, wait_s
 
+    def within(self, wait_s: float) -> "Patient":
+        """The same client, retrying for at most wait_s (a store already known to be down is not waited
+        PATIENCE_S for at every call)."""
+        return Patient(self._c, wait_s)
+
     def __getattr__(self, name):
         attr = getattr(self._c, name)
         if not callable(attr):

@@ -376,6 +376,13 @@ class Local(Backend):
                 shlex.quote(tracking.redact_text(o, self.raw_uri)) for o in self.task_overrides
                 if not o.startswith("hydra"))
         print_summary(rows, skipped, report, wall, getattr(self, "estimate_s", None))
-        c.set_tag(parent, tracking.TAG + "summary", json.dumps({"ran": len(todo), "failed": failed, "skipped": skipped}))
-        tracking.set_status(c, parent, "FAILED" if failed else "FINISHED")
+        if failed:  # a point may have failed because the store is down: wait for it as long as a job does
+            c = c.within(float(self.cfg.tracking.get("outage_wait_s", 0) or 0))
+        try:
+            c.set_tag(parent, tracking.TAG + "summary",
+                      json.dumps({"ran": len(todo), "failed": failed, "skipped": skipped}))
+            tracking.set_status(c, parent, "FAILED" if failed else "FINISHED")
+        except tracking.TrackingUnavailable:
+            print("[mimsweep] the launch run's summary is not recorded: the tracking store does not answer "
+                  "(its points' metrics are spooled, see above); the next launch closes the run", flush=True)
         return 1 if failed else 0

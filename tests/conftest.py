@@ -1,6 +1,7 @@
 """Shared fixtures: composing configs exactly as the launcher does, and running the CLI."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,6 +35,40 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
+    with _alone_or_shared(item), _timed(item):
+        yield
+
+
+@contextlib.contextmanager
+def _alone_or_shared(item):
+    """A test marked `alone` (a measured time compared with a prediction) runs while no other test of the
+    session runs: under pytest-xdist every other test holds a shared lock from its setup to its teardown, an
+    `alone` test the exclusive one. A gate lock in front stops new tests from starting while it waits."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run_id:  # one process: nothing runs beside it
+        yield
+        return
+    import fcntl
+    import tempfile
+    folder = Path(tempfile.gettempdir()) / f"mimsweep-tests-{run_id}"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "gate", "a") as gate, open(folder / "running", "a") as running:
+        if item.get_closest_marker("alone"):
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            fcntl.flock(running, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(gate, fcntl.LOCK_SH)
+            fcntl.flock(running, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(running, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _timed(item):
     """MIMSWEEP_TEST_TIMES=file: one JSON line per test (wall and CPU seconds, the CPU of the subprocesses it
     waited for included, its worker), to find what makes the suite long on a 2-core machine."""
     path = os.environ.get("MIMSWEEP_TEST_TIMES")

@@ -121,8 +121,8 @@ def test_changing_the_evaluation_pretrains_nothing(finished):
     table = pd.read_csv(out / "reports" / "mcm_mask_ratio" / "mcm_mask_ratio.csv")
     table = table.set_index(table.columns[0])
     for r in new:
-        assert table.loc[r.data.tags["mimsweep.label"], "linear_top1_mean"] == pytest.approx(
-            r.data.metrics["linear_top1"], abs=1e-6)
+        assert table.loc[r.data.tags["mimsweep.label"], "linear_top1"] == pytest.approx(
+            r.data.metrics["linear_top1"], abs=0.005)          # the CSV holds the values as displayed: 2 decimals
 
     again = run_cli(*args, "evaluate.linear.epochs=3")                      # and now: nothing to do
     assert again.returncode == 0 and "nothing to do" in again.stdout

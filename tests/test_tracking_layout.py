@@ -181,7 +181,8 @@ def test_floors_are_runs_of_their_own_experiment_one_per_key(layout):
 @ONE_SWEEP
 def test_the_report_is_attached_to_the_launch_run(layout):
     files = artifacts(layout["uri"], layout["launch"]["info"]["run_id"], "report")
-    assert sorted(Path(f).name for f in files) == [f"mcm_mask_ratio.{e}" for e in ("csv", "html", "md", "png", "tex")]
+    assert sorted(Path(f).name for f in files) == sorted(
+        [f"mcm_mask_ratio.{e}" for e in ("csv", "html", "md", "png", "svg", "tex")] + ["mcm_mask_ratio_agreement.csv"])
     assert "| 75%" in artifact(layout["uri"], layout["launch"]["info"]["run_id"], "report/mcm_mask_ratio.md")
     note = layout["launch"]["data"]["tags"]["mlflow.note.content"]
     assert "python sweeps/run.py" in note and "sweep=mcm_mask_ratio" in note
