@@ -1,5 +1,6 @@
 """Re-run the mutants that survived a sampled run (read from its log) against the current tests.
-Usage: python bench/mutation_rerun.py <log> <repo copy> <file> <timeout_s> -- <pytest args...>"""
+Usage: python bench/mutation_rerun.py <log> <repo copy> <file> <timeout_s> -- <pytest args...>
+(docs/methods.md, "Mutation testing (sampled)")."""
 import json, subprocess, sys
 from pathlib import Path
 from mutmut import Context, list_mutations, mutate

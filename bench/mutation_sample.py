@@ -1,6 +1,8 @@
 """Sampled mutation testing with mutmut 2.5's mutation operators: list every mutant of a file, run a seeded
 random sample of them against a narrow pytest command (one mutant at a time, the file restored after each).
-Usage: python bench/mutation_sample.py <repo copy> <file> <n> <seed> <timeout_s> -- <pytest args...>"""
+Usage: python bench/mutation_sample.py <repo copy> <file> <n> <seed> <timeout_s> -- <pytest args...>
+Run it on a copy of the repository (it rewrites the file it mutates); mutmut comes with `pip install -e '.[bench]'`.
+The commands and the measured kill rates: docs/methods.md, "Mutation testing (sampled)"."""
 import json, random, subprocess, sys, time
 from pathlib import Path
 from mutmut import Context, list_mutations, mutate
