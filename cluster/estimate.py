@@ -335,7 +335,7 @@ def main() -> int:
     import mlflow.tracking  # noqa: F401
     import timm  # noqa: F401
     import hydra  # noqa: F401 - a local worker is spawned: it imports the launch's main module (sweeps/run.py)
-    import cluster.launch  # noqa: F401
+    import sweeps.plan  # noqa: F401 - and, to read the points it is sent, what they are
     from core.job import pick_device
     request = json.loads(sys.stdin.read())
     torch.set_num_threads(request["threads"])
