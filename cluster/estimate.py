@@ -17,7 +17,7 @@ a mask ratio, so one timing serves a whole grid):
 
 The timing runs `python -m cluster.estimate` in a fresh process with the thread count a worker (or SLURM
 task) gets, so its own start-up is the startup figure. A few seconds per new shape; the results are kept in
-$XDG_CACHE_HOME/mimsweep/timings.json (~/.cache) per machine, thread count and shape, for a week.
+timings.json in mimsweep's cache (core.config.cache_dir: $MIMSWEEP_CACHE or ~/.cache/mimsweep) per machine, thread count and shape, for a week.
 `estimate=auto` (default) times missing shapes for local launches and uses the cache for SLURM (its nodes are
 other machines: a timing here says what this machine would take); `true` always times, `false` never.
 Protocols other than knn and linear (finetune, seg_linear, external) are not in the estimate: the plan says so.
@@ -49,7 +49,8 @@ ESTIMATED = ("knn", "linear")  # protocols the estimate covers
 
 
 def cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mimsweep" / "timings.json"
+    from core.config import cache_dir
+    return cache_dir() / "timings.json"
 
 
 def shape(cfg, threads: int, together: int = 1) -> dict:

@@ -24,6 +24,14 @@ CONFIG_DIR = REPO / "sweeps" / "conf"
 METHOD_ENTRY_POINTS = "mimsweep.methods"   # the entry-point group of methods from other packages (core/methods)
 
 
+def cache_dir() -> Path:
+    """mimsweep's cache on this machine (the launch's timings, an empty MLflow store per version):
+    $MIMSWEEP_CACHE, else $XDG_CACHE_HOME/mimsweep (~/.cache/mimsweep). The tests give it a folder of their own:
+    timings taken while the suite loads the machine would otherwise be a user's estimates for a week."""
+    folder = os.environ.get("MIMSWEEP_CACHE")
+    return Path(folder) if folder else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mimsweep"
+
+
 def _plugin_config_dirs() -> list[str]:
     """The `conf/` folder of each installed package that declares a method entry point: a plug-in's
     `conf/method/<name>.yaml` joins the `method` group without a word from the user."""

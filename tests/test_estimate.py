@@ -34,7 +34,7 @@ def _summary(stdout: str) -> tuple[dict, tuple[float, float]]:
 @pytest.mark.alone  # measured against a timing taken at launch: other tests' load would change it midway
 def test_the_smoke_sweep_takes_what_its_plan_said_within_a_factor_of_1_5(tmp_path):
     res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "preset=smoke", f"output_root={tmp_path / 'out'}",
-                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+                  env={"MIMSWEEP_CACHE": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     plan = re.findall(r"^  new +(\S+) +seed=0 .*, ~(\d+) s$", res.stdout, re.M)
     assert len(plan) == 4, res.stdout[:3000]                      # every point of the plan has its estimate
@@ -47,7 +47,7 @@ def test_the_smoke_sweep_takes_what_its_plan_said_within_a_factor_of_1_5(tmp_pat
     for point, (w, e) in rows.items():
         assert 1 / FACTOR <= w / e <= FACTOR, (point, w, e)
     assert 1 / FACTOR <= wall / est <= FACTOR, (wall, est)
-    assert (tmp_path / "cache" / "mimsweep" / "timings.json").is_file()
+    assert (tmp_path / "cache" / "timings.json").is_file()
     # status.py shows each point's job time beside its estimate (the tag the launch wrote), as for SLURM sweeps
     status = run_cli("cluster/status.py", "sweep=mcm_mask_ratio", "preset=smoke", f"output_root={tmp_path / 'out'}")
     assert status.returncode == 0, status.stderr
@@ -55,14 +55,14 @@ def test_the_smoke_sweep_takes_what_its_plan_said_within_a_factor_of_1_5(tmp_pat
     assert len(shown) == 4, status.stdout
     # the same shape again: the timing comes from the cache, the plan is printed without timing anything
     again = run_cli("sweeps/run.py", "sweep=mcm_decoder_depth", "preset=smoke", "dry_run=true",
-                    f"output_root={tmp_path / 'out'}", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+                    f"output_root={tmp_path / 'out'}", env={"MIMSWEEP_CACHE": str(tmp_path / "cache")})
     assert again.returncode == 0, again.stderr
     assert "timed on this machine (cached)" in again.stdout, again.stdout   # one timing per model/method/batch
 
 
 def test_estimate_false_and_slurm_without_timings_print_no_figure(tmp_path):
     off = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, "estimate=false", "dry_run=true",
-                  f"output_root={tmp_path / 'o'}", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+                  f"output_root={tmp_path / 'o'}", env={"MIMSWEEP_CACHE": str(tmp_path / "cache")})
     assert off.returncode == 0, off.stderr
     assert "estimate:" not in off.stdout and ", ~" not in off.stdout
     assert not (tmp_path / "cache").exists()                       # nothing timed, nothing cached

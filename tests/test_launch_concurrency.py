@@ -115,7 +115,7 @@ def test_a_new_store_is_a_copy_of_what_mlflow_makes(tmp_path, monkeypatch):
     import sqlite3
 
     from core.tracking import store
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("MIMSWEEP_CACHE", str(tmp_path / "cache"))
 
     def dump(db):
         con = sqlite3.connect(db)
@@ -135,7 +135,7 @@ def test_a_new_store_is_a_copy_of_what_mlflow_makes(tmp_path, monkeypatch):
     c = store.open_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", create=True)  # copies it
     second = time.perf_counter() - t0
     print(f"new store: {first:.2f} s (the template made), then {second:.2f} s")
-    assert list((tmp_path / "cache" / "mimsweep").glob("mlflow-*-empty.db"))
+    assert list((tmp_path / "cache").glob("mlflow-*-empty.db"))
     made, made_exp = dump(tmp_path / "by_mlflow.db")
     copied, copied_exp = dump(tmp_path / "b" / "mlflow.db")
     assert copied == made

@@ -150,10 +150,11 @@ def _new_sqlite(path: Path, artifacts: str) -> None:
 
 
 def schema_template() -> Path | None:
-    """An empty store made by MLflow itself, once per MLflow version, in $XDG_CACHE_HOME/mimsweep (~/.cache);
+    """An empty store made by MLflow itself, once per MLflow version, in core.config.cache_dir() (~/.cache/mimsweep);
     None where that folder cannot be written (then every store is made by MLflow)."""
     import mlflow
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mimsweep"
+    from core.config import cache_dir
+    folder = cache_dir()
     path = folder / f"mlflow-{mlflow.__version__}-empty.db"
     if path.is_file():
         return path
