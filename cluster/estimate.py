@@ -53,10 +53,11 @@ def cache_file() -> Path:
     return cache_dir() / "timings.json"
 
 
-def shape(cfg, threads: int, together: int = 1) -> dict:
-    """What a point's timing depends on: its config less seed, schedule and the method's own values."""
+def shape(cfg, threads: int, together: int = 1, flat: dict | None = None) -> dict:
+    """What a point's timing depends on: its config less seed, schedule and the method's own values
+    (`flat`: flatten(cfg) if the caller has it)."""
     from core import methods
-    flat = flatten(cfg)
+    flat = flat if flat is not None else flatten(cfg)
     keep = ("model.", "data.", "evaluate.", "pretrain.batch_size", "pretrain.precision", "pretrain.compile",
             "device", "method.name")
     if methods.uses_teacher(cfg):
@@ -216,7 +217,7 @@ def estimate(cfg, todo: list, slots: int, threads: int, floors_found=lambda cfg:
     together = min(slots, max(1, cpu_count() // threads)) if local else 1
     by_shape, key_of = {}, {}
     for pl in todo:
-        k = shape_key(shape(pl.cfg, threads, together))
+        k = shape_key(shape(pl.cfg, threads, together, pl.flat))
         by_shape.setdefault(k, pl.cfg)
         key_of[id(pl)] = k
     try:

@@ -235,7 +235,6 @@ def write_manifest(path: Path, points: list, uri: str, root: Path, phase: str, m
     """The task's instructions, mode 600. `uri` carries no credentials (they travel in the environment).
     `log_dir`: where SLURM writes the tasks' output (each task attaches its own files to its run);
     `submitted_at`: now, from which a task's first start measures its queue wait (`queue_s`)."""
-    from omegaconf import OmegaConf
 
     from core.tracking import redact_text, split_credentials
     clean = split_credentials(uri)[0]
@@ -243,7 +242,7 @@ def write_manifest(path: Path, points: list, uri: str, root: Path, phase: str, m
             "log_dir": str(log_dir) if log_dir else None, "points": [
         {"label": pl.point.label, "seed": pl.point.seed, "signature": pl.signature, "run_id": pl.run_id,
          "workdir": str(root / pl.workdir_name), "checkpoint": getattr(pl, "checkpoint", None),
-         "config": OmegaConf.to_yaml(pl.cfg, resolve=True)}
+         "config": pl.config_yaml()}
         for pl in points]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -421,10 +420,15 @@ def _submit(c, parent: str, todo: list, arrays: list[dict], cfg, uri: str, root:
         if partial:
             subprocess.run(["scancel", *partial], capture_output=True, timeout=60)
         handed_over.update(rid for rid, ids in jobs.items() if None not in ids)
+        tasks: dict[str, dict] = {}  # {run id: {tag: array task}}, written in one transaction where the store can
         for a in arrays:
             if a["job_id"] and a["job_id"] not in partial:
                 for i, pl in enumerate(a["points"]):
-                    c.set_tag(pl.run_id, f"{tracking.TAG}slurm_job_{a['phase']}", f"{a['job_id']}_{i}")
+                    tasks.setdefault(pl.run_id, {})[f"{tracking.TAG}slurm_job_{a['phase']}"] = f"{a['job_id']}_{i}"
+        if not c.call(tracking.bulk.set_tags, c, tasks, what="the points' tasks"):  # c: cluster/launch.py Patient
+            for rid, kv in tasks.items():
+                for k, v in kv.items():
+                    c.set_tag(rid, k, v)
         ids = [a["job_id"] for a in arrays if a["job_id"] and a["job_id"] not in partial]
         if ids:
             c.set_tag(parent, tracking.TAG + "slurm_arrays", ",".join(ids))

@@ -11,14 +11,14 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
 from core import tracking
 from core import methods
 from core.tracking import identity
-from core.config import SEARCHPATH, ConfigError
+from core.config import SEARCHPATH, ConfigError, flatten
 from sweeps.grid import Point, expand, override_key
 
 
@@ -44,6 +44,15 @@ class Planned:
     estimate_s: float | None = None   # its time on this machine (cluster/estimate.py), once the launch estimated it
     job_estimate_s: float | None = None  # the same less its process's start-up: what its run's wall_s measures
     signatures: tuple = ()       # plan(check=False): the pre-training signature with and without the teacher
+    flat: dict | None = field(default=None, repr=False)  # core.config.flatten(cfg), as planned
+    _yaml: str | None = field(default=None, repr=False)
+
+    def config_yaml(self) -> str:
+        """The resolved config as YAML (its run's `config.yaml`, its SLURM task's config), emitted once."""
+        if self._yaml is None:
+            from core.config import to_yaml
+            self._yaml = to_yaml(self.cfg)
+        return self._yaml
 
     @property
     def workdir_name(self) -> str:
@@ -264,14 +273,15 @@ def plan(cfg: DictConfig, task_overrides: list[str], check: bool = True) -> tupl
         except ConfigError as e:
             raise ConfigError(e.key, e.value, str(e).split(": ", 1)[1].rstrip("."),
                               f"(sweep {name}, point '{p.label}', seed {p.seed})") from None
-        if check:
-            alternatives = (identity.pretrain_signature(pc, methods.uses_teacher(pc)),)
-        else:
-            alternatives = (identity.pretrain_signature(pc, True), identity.pretrain_signature(pc, False))
         if pc.tracking.get("uri"):  # params, config.yaml and manifests never hold a password
             pc.tracking.uri = tracking.redact(pc.tracking.uri)
-        planned.append(Planned(p, pc, alternatives[0], identity.eval_signature(pc), identity.legacy_signature(pc),
-                               signatures=alternatives))
+        flat = flatten(pc)  # once: the signatures, the run's params and the estimate's shape all read it
+        if check:
+            alternatives = (identity.pretrain_signature(pc, methods.uses_teacher(pc), flat),)
+        else:
+            alternatives = (identity.pretrain_signature(pc, True, flat), identity.pretrain_signature(pc, False, flat))
+        planned.append(Planned(p, pc, alternatives[0], identity.eval_signature(pc, flat),
+                               identity.legacy_signature(pc, flat), signatures=alternatives, flat=flat))
     return name, planned
 
 

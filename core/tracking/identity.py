@@ -50,26 +50,27 @@ def _hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def pretrain_params(cfg, uses_teacher: bool) -> dict:
+def pretrain_params(cfg, uses_teacher: bool, flat: dict | None = None) -> dict:
     """The flattened config keys that change what pre-training computes (`uses_teacher`: whether the
-    point's method builds its teacher, core.methods.uses_teacher)."""
+    point's method builds its teacher, core.methods.uses_teacher; `flat`: flatten(cfg) if the caller has it)."""
     drop = RUN_ONLY + EVAL_ONLY + (() if uses_teacher else (TEACHER,))
-    return {k: v for k, v in flatten(cfg).items() if not _under(k, drop)}
+    return {k: v for k, v in (flat if flat is not None else flatten(cfg)).items() if not _under(k, drop)}
 
 
-def eval_params(cfg) -> dict:
+def eval_params(cfg, flat: dict | None = None) -> dict:
     """The flattened evaluation config (everything under evaluate.*, and data.test_limit), run-only keys out."""
-    return {k: v for k, v in flatten(cfg).items() if _under(k, EVAL_ONLY) and not _under(k, RUN_ONLY)}
+    return {k: v for k, v in (flat if flat is not None else flatten(cfg)).items()
+            if _under(k, EVAL_ONLY) and not _under(k, RUN_ONLY)}
 
 
-def pretrain_signature(cfg, uses_teacher: bool) -> str:
-    return _hash(pretrain_params(cfg, uses_teacher))
+def pretrain_signature(cfg, uses_teacher: bool, flat: dict | None = None) -> str:
+    return _hash(pretrain_params(cfg, uses_teacher, flat))
 
 
-def eval_signature(cfg) -> str:
-    return _hash(eval_params(cfg))
+def eval_signature(cfg, flat: dict | None = None) -> str:
+    return _hash(eval_params(cfg, flat))
 
 
-def legacy_signature(cfg) -> str:
+def legacy_signature(cfg, flat: dict | None = None) -> str:
     from core.config import signature
-    return signature(cfg)
+    return signature(cfg, flat)

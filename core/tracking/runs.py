@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from core.config import REPO, science_params
+from core.config import REPO, science_params, to_yaml
 
 TAG = "mimsweep."
 FINISHED = "FINISHED"
@@ -232,13 +232,13 @@ def operational_tags(cfg) -> dict:
     return out
 
 
-def create_point_run(c, exp_id: str, parent_id: str | None, sweep: str, label: str, overrides: list[str],
-                     sig: str, cfg, identity: dict | None = None, name: str | None = None) -> str:
-    """A SCHEDULED child run holding the point's params, tags and resolved config. `sig`: the legacy
-    signature (tag `signature`); `identity`: more tags (pretrain_signature, eval_signature, pretrained_by, ...);
-    `name`: the run's name (default: `<label> seed=<seed>`)."""
-    from mlflow.entities import Param
-    from omegaconf import OmegaConf
+def point_run(parent_id: str | None, sweep: str, label: str, overrides: list[str], sig: str, cfg,
+              identity: dict | None = None, name: str | None = None, config_yaml: str | None = None,
+              flat: dict | None = None) -> dict:
+    """What a point's run holds when it is created: {"name", "tags", "params", "config"} (the resolved config
+    as YAML, the `config.yaml` artifact; `config_yaml` if the caller has it). `sig`: the legacy signature (tag
+    `signature`); `identity`: more tags (pretrain_signature, eval_signature, pretrained_by, ...); `name`:
+    default `<label> seed=<seed>`; `flat`: core.config.flatten(cfg) if the caller has it."""
 
     commit, dirty = git_state()
     tags = {TAG + "kind": "point", TAG + "sweep": sweep, TAG + "label": label, TAG + "signature": sig,
@@ -247,13 +247,24 @@ def create_point_run(c, exp_id: str, parent_id: str | None, sweep: str, label: s
             TAG + "host": socket.gethostname(), "mlflow.source.git.commit": commit, **operational_tags(cfg)}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
-    run = c.create_run(exp_id, run_name=name or f"{label} seed={cfg.seed}", tags=tags)
+    params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in science_params(cfg, flat).items()}
+    return {"name": name or f"{label} seed={cfg.seed}", "tags": tags, "params": params,
+            "config": config_yaml if config_yaml is not None else to_yaml(cfg)}
+
+
+def create_point_run(c, exp_id: str, parent_id: str | None, sweep: str, label: str, overrides: list[str],
+                     sig: str, cfg, identity: dict | None = None, name: str | None = None) -> str:
+    """A SCHEDULED child run holding the point's params, tags and resolved config (`point_run`), created
+    through the client (any store). Many at once on a database store: `bulk.create_runs`."""
+    from mlflow.entities import Param
+
+    spec = point_run(parent_id, sweep, label, overrides, sig, cfg, identity, name)
+    run = c.create_run(exp_id, run_name=spec["name"], tags=spec["tags"])
     rid = run.info.run_id
-    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-              for k, v in science_params(cfg).items()]
+    params = [Param(k, v) for k, v in spec["params"].items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         c.log_batch(rid, params=params[i:i + 100])
-    c.log_text(rid, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    c.log_text(rid, spec["config"], "config.yaml")
     set_status(c, rid, "SCHEDULED")
     return rid
 
