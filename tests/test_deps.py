@@ -56,8 +56,8 @@ def test_every_third_party_import_is_declared():
     dists = importlib.metadata.packages_distributions()
     missing = {}
     for module, files in sorted(_third_party(_imports()).items()):
-        owners = {_norm(d) for d in dists.get(module, [])}
-        assert owners, f"{module} (imported by {sorted(files)}) is not installed: no distribution provides it"
+        # an extra that is not installed here (bench: mutmut) has no distribution to ask: its module's own name
+        owners = {_norm(d) for d in dists.get(module, [])} or {_norm(module)}
         if not owners & (declared | extras):
             missing[module] = (sorted(owners), sorted(files))
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
