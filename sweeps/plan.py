@@ -221,7 +221,7 @@ def check_added_keys(task_overrides: list[str], base: list[str], point: Point, c
     """`+key=value` adds a key no config file has, so nothing reads it (Hydra itself suggests `+` after a
     typo): refused with a did-you-mean, unless the point's config has the key anyway or it is a part of a
     sweep spec (`+sweep.points=[...]`)."""
-    from core.config import OPTIONAL_KEYS, flatten, unknown_key
+    from core.config import OPTIONAL_KEYS, unknown_key
     groups = _config_groups()
     for o in task_overrides:
         if not o.startswith("+") or o.startswith("++"):

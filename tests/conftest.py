@@ -5,6 +5,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ os.environ.setdefault("MIMSWEEP_PROGRESS", "0")
 # mimsweep's cache (timings, the empty-store template) is the session's own: shared by its workers, never the
 # user's ~/.cache/mimsweep, where timings taken under the suite's load would be the estimates of later launches
 os.environ.setdefault("MIMSWEEP_CACHE", os.path.join(
-    __import__("tempfile").gettempdir(), f"mimsweep-tests-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+    tempfile.gettempdir(), f"mimsweep-tests-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 # In parallel (pytest-xdist), each worker computes with one thread: 4 workers of torch's default 2 threads on
 # 2 cores spin against each other (a fine-tuning test took 16 min instead of 1). Set before torch is imported.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -53,7 +54,6 @@ def _alone_or_shared(item):
         yield
         return
     import fcntl
-    import tempfile
     folder = Path(tempfile.gettempdir()) / f"mimsweep-tests-{run_id}"
     folder.mkdir(exist_ok=True)
     with open(folder / "gate", "a") as gate, open(folder / "running", "a") as running:
