@@ -12,7 +12,10 @@ signatures of its plan, so `reports/build.py` finds it as it finds a real launch
 
 Then it prints, with the load average beside each: the store's creation time (measured when it was made),
 the site build (`reports/site.py build`: the whole store read, every page written), the same build again,
-and one sweep's report (`reports/build.py report`, in-process: plan, search, table, figure, files).
+and one sweep's report (`reports/build.py report`, in-process: plan, search, table, figure, files) twice.
+Before the first site build and the first report the database file is dropped from the page cache
+(`posix_fadvise(DONTNEED)`, no privileges needed), so the first figure of each is a read from disk, as after a
+reboot or on a store nobody has read for a while, and the second one a read from memory.
 """
 from __future__ import annotations
 
@@ -37,6 +40,15 @@ def load() -> str:
     return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f}, {os.cpu_count()} CPUs"
 
 
+def evict(path: Path) -> str:
+    """Drop the file's pages from the page cache (the next read of it comes from disk); says so."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # dirty pages cannot be dropped
+        size = os.fstat(f.fileno()).st_size
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return f"{size / 1e6:.0f} MB database dropped from the page cache"
+
+
 def specs() -> dict[str, dict]:
     from omegaconf import OmegaConf
 
@@ -55,6 +67,32 @@ def real_plan(out: Path):
         cfg = compose(config_name="config", overrides=[SEARCHPATH, *overrides], return_hydra_config=False)
         _, planned = plan(cfg, overrides)
     return planned, overrides
+
+
+def signed_by_this_checkout(out: Path) -> int:
+    """The timed sweep's point runs carry the signatures of this checkout's plan (a cached store was made by
+    an earlier one, whose configs may hash differently: the report would find none of its runs). -> runs
+    re-tagged."""
+    from mlflow.tracking import MlflowClient
+
+    from core.tracking import TAG, bulk
+    c = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    planned, _ = real_plan(out)
+    by_point = {(pl.point.label, str(pl.point.seed)): pl for pl in planned}
+    exp = c.get_experiment_by_name(REPORTED).experiment_id
+    runs = bulk.runs(c, [exp], {TAG + "sweep": REPORTED})
+    plain = {r.info.run_id for r in runs if r.data.tags.get(TAG + "kind") == "launch"
+             and json.loads(r.data.tags.get(TAG + "overrides", "[]")) == []}
+    tags = {}
+    for r in runs:
+        pl = by_point.get((r.data.tags.get(TAG + "label"), r.data.params.get("seed")))
+        if r.data.tags.get("mlflow.parentRunId") in plain and pl:
+            want = {TAG + "pretrain_signature": pl.signature, TAG + "eval_signature": pl.eval_sig,
+                    TAG + "signature": pl.legacy_sig}
+            if any(r.data.tags.get(k) != v for k, v in want.items()):
+                tags[r.info.run_id] = want
+    bulk.set_tags(c, tags)
+    return len(tags)
 
 
 def make_store(out: Path, n_runs: int, n_sweeps: int, history: int) -> float:
@@ -156,7 +194,8 @@ def main(argv: list[str]) -> int:
     info = json.loads(made.read_text()) if made.is_file() else {}
     if [info.get(k) for k in ("layout", "runs", "sweeps", "history")] == [LAYOUT, args.runs, args.sweeps, args.history]:
         print(f"store: {out}/mlflow.db (cached): {info['runs']} runs in {info['sweeps']} sweeps, created in "
-              f"{info['seconds']:.0f} s ({info['load']})")
+              f"{info['seconds']:.0f} s ({info['load']}); {signed_by_this_checkout(out)} runs of {REPORTED} "
+              "re-tagged with this checkout's signatures")
     else:
         if out.exists():
             import shutil
@@ -168,10 +207,11 @@ def main(argv: list[str]) -> int:
 
     from reports import site
     for i in range(args.repeat):
+        cold = f"cold: {evict(out / 'mlflow.db')}" if i == 0 else "warm"
         t = time.perf_counter()
         summary = site.build(uri, out / "site", ui="http://localhost:5000")
         took = time.perf_counter() - t
-        print(f"site build {i + 1}: {took:.2f} s for {summary['runs']} runs in {summary['sweeps']} sweeps "
+        print(f"site build {i + 1} ({cold}): {took:.2f} s for {summary['runs']} runs in {summary['sweeps']} sweeps "
               f"({summary['timings']}; {load()})", flush=True)
 
     from hydra import compose, initialize_config_dir
@@ -181,6 +221,7 @@ def main(argv: list[str]) -> int:
     _, overrides = real_plan(out)
     overrides.append(f"report_dir={out}/report")
     for i in range(args.repeat):
+        cold = f"cold: {evict(out / 'mlflow.db')}" if i == 0 else "warm"
         t = time.perf_counter()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[SEARCHPATH, *overrides])
@@ -189,7 +230,7 @@ def main(argv: list[str]) -> int:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
                 code = report(cfg, overrides)
         took = time.perf_counter() - t
-        print(f"one sweep's report ({REPORTED}, {REPORTED_SEEDS} seeds x 4 rows): {took:.2f} s, exit {code} "
+        print(f"one sweep's report ({REPORTED}, {REPORTED_SEEDS} seeds x 4 rows; {cold}): {took:.2f} s, exit {code} "
               f"({err.getvalue().strip().splitlines()[-1][:120] if err.getvalue().strip() else ''}; {load()})", flush=True)
     return 0
 

@@ -17,7 +17,8 @@ folder works from file://. Rebuilding it shows the store's state at that moment.
 The store is read in two passes whatever its size: every run of every live experiment (core/tracking/bulk.py:
 a column query per table of a database store, the paged search of a tracking server) and the `train_loss`
 histories of the points in bulk (cluster/progress.py histories). Paper numbers and row order come from the
-sweep files of this checkout (sweeps/conf/sweep/).
+sweep files of this checkout (sweeps/conf/sweep/). From PARALLEL_FROM sweeps on, the reports and pages are
+built by one forked process per CPU, which inherit what was read (docs/reports.md, Scale).
 """
 from __future__ import annotations
 
@@ -318,11 +319,14 @@ for (const [id, fig] of Object.entries(FIGURES)) {{
 """
 
 
-def index(sweeps: list[Sweep], uri: str, built: str) -> str:
+def headline(s: Sweep) -> tuple[str, str]:
+    """(title, verdict) of a sweep whose report is built: what the index says of it."""
+    return (table.title_of(s.report), s.report.verdict) if s.report else (s.name, "no report (see the page)")
+
+
+def index(sweeps: list[Sweep], headlines: list[tuple[str, str]], uri: str, built: str) -> str:
     rows = []
-    for s in sweeps:
-        title = table.title_of(s.report) if s.report else s.name
-        verdict = s.report.verdict if s.report else "no report (see the page)"
+    for s, (title, verdict) in zip(sweeps, headlines):
         live_rows = _live_rows(s)
         rows.append(f'<tr><td><a href="sweeps/{esc(s.slug)}.html">{esc(s.name)}</a></td>'
                     f"<td><code>{esc(s.variant)}</code></td><td>{esc(title)}</td>{_state_cells(s)}"
@@ -370,11 +374,6 @@ def build(uri: str, out: Path, ui: str = "http://localhost:5000", curve_points: 
     timings["curves"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    for s in sweeps:
-        s.report = build_report(s, by_id)
-    timings["reports"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     built = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     (out / "sweeps").mkdir(parents=True, exist_ok=True)
     (out / "assets").mkdir(exist_ok=True)
@@ -382,14 +381,60 @@ def build(uri: str, out: Path, ui: str = "http://localhost:5000", curve_points: 
         target = out / "assets" / asset
         if not target.is_file() or target.stat().st_size != (ASSETS / asset).stat().st_size:
             shutil.copyfile(ASSETS / asset, target)
-    for s in sweeps:
+    processes = _processes(len(sweeps))
+    headlines = _write_pages(sweeps, by_id, curves, out, ui, built, processes)
+    (out / "index.html").write_text(index(sweeps, headlines, uri, built), encoding="utf-8")
+    timings[f"reports and pages ({processes} process{'es' if processes > 1 else ''})"] = time.perf_counter() - t
+    return {"runs": sum(len(s.runs) for s in sweeps), "sweeps": len(sweeps),
+            "timings": ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())}
+
+
+PARALLEL_FROM = 24  # sweeps: from this many, their reports and pages are built by one process per CPU
+
+
+def _processes(n_sweeps: int) -> int:
+    """Processes that build the reports and pages: one per CPU for a big store (pandas builds each table
+    from small frames, ~30 ms a sweep, all CPU), one below PARALLEL_FROM sweeps, where forking costs more."""
+    import os
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cpus, n_sweeps) if n_sweeps >= PARALLEL_FROM else 1
+
+
+_SHARED: tuple = ()  # what the forked processes read: set just before they fork, so they inherit it
+
+
+def _pages_of(share: list[int]) -> list[tuple[int, tuple[str, str]]]:
+    """Build and write the report, page and CSV of these sweeps (indices into the shared list)."""
+    sweeps, by_id, curves, out, ui, built = _SHARED
+    done = []
+    for i in share:
+        s = sweeps[i]
+        s.report = build_report(s, by_id)
         (out / "sweeps" / f"{s.slug}.html").write_text(page(s, ui, curves, built), encoding="utf-8")
         if s.report:
             (out / "sweeps" / f"{s.slug}.csv").write_text(table.to_csv(s.report), encoding="utf-8")
-    (out / "index.html").write_text(index(sweeps, uri, built), encoding="utf-8")
-    timings["pages"] = time.perf_counter() - t
-    return {"runs": sum(len(s.runs) for s in sweeps), "sweeps": len(sweeps),
-            "timings": ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())}
+        done.append((i, headline(s)))
+    return done
+
+
+def _write_pages(sweeps: list[Sweep], by_id: dict, curves: dict, out: Path, ui: str, built: str,
+                 processes: int) -> list[tuple[str, str]]:
+    """Every sweep's report, page and CSV, in `processes` forked processes (the store, read once, is
+    inherited, not sent) -> each sweep's headline for the index."""
+    global _SHARED
+    _SHARED = (sweeps, by_id, curves, out, ui, built)
+    try:
+        if processes == 1:
+            done = _pages_of(list(range(len(sweeps))))
+        else:
+            import multiprocessing as mp
+            shares = [list(range(k, len(sweeps), processes)) for k in range(processes)]  # big and small mixed
+            with mp.get_context("fork").Pool(processes) as pool:
+                done = [x for part in pool.map(_pages_of, shares) for x in part]
+    finally:
+        _SHARED = ()
+    headlines = dict(done)
+    return [headlines[i] for i in range(len(sweeps))]
 
 
 def main(argv: list[str]) -> int:

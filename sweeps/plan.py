@@ -8,7 +8,7 @@ reports/build.py and cluster/status.py use the same plan to find the runs of a l
 """
 from __future__ import annotations
 
-import copy
+import pickle
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -113,9 +113,10 @@ def compose_point(base: list[str], point: Point, cache: dict | None = None, chec
     in_compose = lambda o: override_key(o) in groups or override_key(o).split(".")[0] == "hydra"  # noqa: E731
     choices = tuple(o for o in merged if in_compose(o))
     values = [o for o in merged if not in_compose(o)]
-    if choices not in cache:
-        cache[choices] = compose(config_name="config", overrides=[SEARCHPATH, *choices])
-    cfg = copy.deepcopy(cache[choices])
+    if choices not in cache:  # kept pickled: a copy is one unpickling, ~4x faster than deepcopy of a DictConfig
+        cache[choices] = pickle.dumps(compose(config_name="config", overrides=[SEARCHPATH, *choices]),
+                                      protocol=pickle.HIGHEST_PROTOCOL)
+    cfg = pickle.loads(cache[choices])
     if values:
         parsed = cache.setdefault("parser", OverridesParser.create()).parse_overrides(values)
         if check:

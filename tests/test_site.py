@@ -9,6 +9,7 @@ is not blank. Without chromium or Playwright the browser tests skip on a worksta
 from __future__ import annotations
 
 import io
+import os
 import shutil
 
 import pytest
@@ -68,6 +69,26 @@ def test_site_files_from_the_store(store):
         assert link in page_of(root, name).read_text()
 
 
+
+def test_pages_built_by_several_processes_are_the_ones_one_process_builds(store, tmp_path, monkeypatch):
+    """A big store's reports and pages are built by one forked process per CPU (reports/site.py): the same
+    files, byte for byte but the build time, as one process writes; the index keeps the sweeps' order."""
+    import re
+    out, _ = store
+    uri = f"sqlite:///{out}/mlflow.db"
+    one = site.build(uri, tmp_path / "one", ui="http://mlflow.example:5000")
+    monkeypatch.setattr(site, "PARALLEL_FROM", 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})   # 2 CPUs, whatever this machine has
+    two = site.build(uri, tmp_path / "two", ui="http://mlflow.example:5000")
+    assert "(1 process)" in one["timings"] and "(2 processes)" in two["timings"], (one, two)
+    built = lambda text: re.sub(r"built \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", "built T", text)  # noqa: E731
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".html"]) == 3          # the index and one page per sweep
+    for f in files:
+        if f.suffix in (".html", ".csv"):
+            assert built((tmp_path / "two" / f).read_text()) == built((tmp_path / "one" / f).read_text()), f
+
 def page_of(root, name):
     """The page of the one sweep of that name (its file name carries a hash of the launch's overrides)."""
     (found,) = list((root / "sweeps").glob(f"{name}--*.html")) + list((root / "sweeps").glob(f"{name}.html"))
@@ -125,6 +146,9 @@ def test_bulk_read_of_a_database_store_equals_mlflows_search(store, tmp_path, mo
 
     by_run = bulk.histories(c, sorted(ids), "train_loss")       # a few runs: by run id
     monkeypatch.setattr(bulk, "SCAN_ABOVE", 1)
+    # "most of a store": every table read in one pass, the chosen runs' rows kept (deleted run, other sweep out)
+    assert _as_plain(bulk.runs(c, list(experiments))) == _as_plain(slow)
+    assert _as_plain(bulk.runs(c, list(experiments), chosen)) == _as_plain(picked)
     by_key = bulk.histories(c, sorted(ids)[1:], "train_loss")   # "most of a store": one pass over the key
     for run_id in ids:
         want = sorted((m.step, m.value, m.timestamp) for m in c.get_metric_history(run_id, "train_loss"))

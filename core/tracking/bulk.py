@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 CHUNK = 500  # run ids per IN (...) of a history query: far below any database's bound-parameter limit
-SCAN_ABOVE = 2000  # histories of more runs than this: one pass over the metric key instead of by run
+SCAN_ABOVE = 2000  # more runs than this are read in one pass over each table (a metric key's entries) instead of by run
 
 
 @dataclass
@@ -106,30 +106,42 @@ def _runs_search(c, experiment_ids: list[str], tags: dict[str, str]) -> list[Rec
 
 def _runs_sql(store, experiment_ids: list[str], tags: dict[str, str]) -> list[Record]:
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
-    from sqlalchemy import and_, select
+    from sqlalchemy import exists, select
 
-    chosen = select(SqlRun.run_uuid).where(SqlRun.experiment_id.in_([int(e) for e in experiment_ids]),
-                                           SqlRun.lifecycle_stage == "active")
-    for k, v in tags.items():
-        chosen = chosen.where(SqlRun.run_uuid.in_(select(SqlTag.run_uuid).where(and_(SqlTag.key == k,
-                                                                                      SqlTag.value == v))))
+    chosen = select(SqlRun.run_uuid, SqlRun.experiment_id, SqlRun.status, SqlRun.start_time, SqlRun.end_time,
+                    SqlRun.name).where(SqlRun.experiment_id.in_([int(e) for e in experiment_ids]),
+                                       SqlRun.lifecycle_stage == "active")
+    for k, v in tags.items():  # per run of these experiments, a look-up of its tag (not every run's tag of that key)
+        chosen = chosen.where(exists().where(SqlTag.run_uuid == SqlRun.run_uuid, SqlTag.key == k, SqlTag.value == v))
     with store.ManagedSessionMaker() as session:
         db = session.connection()  # SQLAlchemy Core: rows as tuples, no ORM bookkeeping per row
-        rows = db.execute(select(SqlRun.run_uuid, SqlRun.experiment_id, SqlRun.status, SqlRun.start_time,
-                                      SqlRun.end_time, SqlRun.name).where(SqlRun.run_uuid.in_(chosen))).all()
-        out = {r[0]: Record(Info(r[0], str(r[1]), r[2], r[3], r[4], r[5] or ""), Data()) for r in rows}
-        for run_id, key, value in db.execute(select(SqlTag.run_uuid, SqlTag.key, SqlTag.value)
-                                                  .where(SqlTag.run_uuid.in_(chosen))):
-            out[run_id].data.tags[key] = value
-        for run_id, key, value in db.execute(select(SqlParam.run_uuid, SqlParam.key, SqlParam.value)
-                                                  .where(SqlParam.run_uuid.in_(chosen))):
-            out[run_id].data.params[key] = value
-        for run_id, key, value, stamp, is_nan in db.execute(
-                select(SqlLatestMetric.run_uuid, SqlLatestMetric.key, SqlLatestMetric.value,
-                       SqlLatestMetric.timestamp, SqlLatestMetric.is_nan).where(SqlLatestMetric.run_uuid.in_(chosen))):
-            d = out[run_id].data
-            d.metrics[key] = math.nan if is_nan else value
-            d.metric_time = max(d.metric_time, stamp or 0)
+        out = {r[0]: Record(Info(r[0], str(r[1]), r[2], r[3], r[4], r[5] or ""), Data()) for r in db.execute(chosen)}
+        ids = list(out)
+
+        # Most of the store (the site): one pass over each table in its stored order, keeping the chosen runs'
+        # rows. Through the run index instead, SQLite jumps from run to run across the table in the index's
+        # (random: uuid) order, a disk read a run when the file is not in the page cache (bench/site_scale.py,
+        # 10,000 runs, cold: 9.4 s read by run, 3.5 s in one pass). A few runs (a report): by run id.
+        def rows_of(*columns):  # columns[0] is the table's run_uuid
+            if len(ids) > SCAN_ABOVE:
+                yield from db.execute(select(*columns))
+            else:
+                for i in range(0, len(ids), CHUNK):
+                    yield from db.execute(select(*columns).where(columns[0].in_(ids[i:i + CHUNK])))
+
+        for run_id, key, value in rows_of(SqlTag.run_uuid, SqlTag.key, SqlTag.value):
+            if run_id in out:
+                out[run_id].data.tags[key] = value
+        for run_id, key, value in rows_of(SqlParam.run_uuid, SqlParam.key, SqlParam.value):
+            if run_id in out:
+                out[run_id].data.params[key] = value
+        for run_id, key, value, stamp, is_nan in rows_of(SqlLatestMetric.run_uuid, SqlLatestMetric.key,
+                                                         SqlLatestMetric.value, SqlLatestMetric.timestamp,
+                                                         SqlLatestMetric.is_nan):
+            if run_id in out:
+                d = out[run_id].data
+                d.metrics[key] = math.nan if is_nan else value
+                d.metric_time = max(d.metric_time, stamp or 0)
     return sorted(out.values(), key=lambda r: (r.info.start_time or 0))
 
 
