@@ -7,7 +7,8 @@ A point's time is modelled from its parts, each timed on this machine for the po
 method, teacher, data, batch, precision, evaluation; not the values a sweep varies within a method such as
 a mask ratio, so one timing serves a whole grid):
 
-    startup (a fresh process: Python + imports)            once per worker process (every SLURM task)
+    startup (a fresh process: Python + imports)            every SLURM task; once for a local launch's workers
+    first (what a process's first point loads once)        a worker's first point; every SLURM task
     setup   (both splits loaded, teacher and model built)   every point
     the first step + (steps - 1) x step time (the median of 3 more real training steps: loader, targets,
             forward, backward, AdamW) + checkpoints x their save time + the pictures logged after pre-training
@@ -16,7 +17,9 @@ a mask ratio, so one timing serves a whole grid):
             random-init floor when the point computes it (the first points of a floor key; later ones reuse it)
 
 The timing runs `python -m cluster.estimate` in a fresh process with the thread count a worker (or SLURM
-task) gets, so its own start-up is the startup figure. A few seconds per new shape; the results are kept in
+task) gets, so its own start-up is the startup figure: the first process imports alone (a launch's local
+workers are forked from one server that imports once, cluster/local.py), then the others, and their points
+are timed side by side. A few seconds per new shape; the results are kept in
 timings.json in mimsweep's cache (core.config.cache_dir: $MIMSWEEP_CACHE or ~/.cache/mimsweep) per machine, thread count and shape, for a week.
 `estimate=auto` (default) times missing shapes for local launches and uses the cache for SLURM (its nodes are
 other machines: a timing here says what this machine would take); `true` always times, `false` never.
@@ -53,6 +56,9 @@ def cache_file() -> Path:
     return cache_dir() / "timings.json"
 
 
+TIMED = 2  # how timings are taken: a cached timing taken another way is timed again (2: start-up alone, first_s)
+
+
 def shape(cfg, threads: int, together: int = 1, flat: dict | None = None) -> dict:
     """What a point's timing depends on: its config less seed, schedule and the method's own values
     (`flat`: flatten(cfg) if the caller has it)."""
@@ -63,7 +69,8 @@ def shape(cfg, threads: int, together: int = 1, flat: dict | None = None) -> dic
     if methods.uses_teacher(cfg):
         keep += ("teacher.",)
     out = {k: v for k, v in flat.items() if k.startswith(keep) and k != "evaluate.floor"}
-    out.update(threads=threads, together=together, host=socket.gethostname(), machine=platform.machine())
+    out.update(threads=threads, together=together, host=socket.gethostname(), machine=platform.machine(),
+               timed=TIMED)
     return out
 
 
@@ -85,23 +92,25 @@ class Timing:
     linear_s: float            # per train image and epoch
     n_train: int
     n_test: int
+    first_s: float = 0.0       # what a process's first point adds (a teacher's package, matplotlib, first use)
     when: float = field(default_factory=time.time)
 
 
 @dataclass
 class Estimate:
-    seconds: float             # the point, from its start to its end (a worker's first point: with its startup)
+    seconds: float             # the point, from its start to its end (a SLURM task: with its startup)
     parts: dict
     source: str
 
 
 # ---------------------------------------------------------------- the model of a point
-def point_seconds(cfg, t: Timing, phase: str, floor: bool, startup: bool) -> tuple[float, dict]:
+def point_seconds(cfg, t: Timing, phase: str, floor: bool, startup: bool, first: bool = False) -> tuple[float, dict]:
     """The point's time from its timing: `phase` all | evaluate (on another run's pre-training), `floor`:
-    whether it computes the random-init floor, `startup`: whether its process starts with it."""
+    whether it computes the random-init floor, `startup`: whether its process starts with it (imports and the
+    first point's loads), `first`: whether it is the first point of a process started before it (only loads)."""
     from core.training.loop import schedule
     e = cfg.evaluate
-    parts = {"startup": t.startup_s if startup else 0.0, "setup": t.setup_s}
+    parts = {"startup": t.startup_s + t.first_s if startup else t.first_s if first else 0.0, "setup": t.setup_s}
     if phase != "evaluate":
         steps = schedule(cfg, t.n_train)[0]
         parts["pretrain"] = (t.first_step_s + (steps - 1) * t.step_s
@@ -177,31 +186,37 @@ def measure(cfgs: list, threads: int, together: int = 1) -> list[Timing]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MIMSWEEP_PROGRESS": "0",
            "MIMSWEEP_WORKER_CPUS": str(threads), "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     request = json.dumps({"threads": threads, "configs": [OmegaConf.to_yaml(c, resolve=True) for c in cfgs]})
-    t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: a full pipe would stall a timed process
-        procs = [subprocess.Popen([sys.executable, "-m", "cluster.estimate"], cwd=REPO, env=env, text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
-                 for _ in range(max(together, 1))]
-        for p in procs:
-            p.stdin.write(request)
+        procs, ready = [], []
+        for k in range(max(together, 1)):
+            t0 = time.perf_counter()
+            procs.append(subprocess.Popen([sys.executable, "-m", "cluster.estimate"], cwd=REPO, env=env, text=True,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors))
+            procs[-1].stdin.write(request + "\n")
+            procs[-1].stdin.flush()
+            if k == 0:  # a launch's workers are forked from one process that imports once, alone: its start-up
+                ready.append(procs[0].stdout.readline())
+                startup = time.perf_counter() - t0
+        ready += [p.stdout.readline() for p in procs[1:]]
+        for p in procs:  # every process has imported: their points are timed side by side
+            p.stdin.write("go\n")
             p.stdin.close()
-        ready = [(p.stdout.readline(), time.perf_counter() - t0) for p in procs]  # once a process's imports are done
         outs = [p.stdout.read() for p in procs]
-        if any(p.wait() != 0 for p in procs) or not all(r.startswith("ready") for r, _ in ready):
+        if any(p.wait() != 0 for p in procs) or not all(r.startswith("ready") for r in ready):
             errors.seek(0)
             raise RuntimeError(f"timing the points failed: {(errors.read().strip().splitlines() or ['?'])[-1]}")
     runs = []
-    for out, (_, startup) in zip(outs, ready):
+    for out in outs:
         # other lines on stdout are the libraries' own (a teacher says where its weights came from)
         lines = [json.loads(line[len("timing "):]) for line in out.splitlines() if line.startswith("timing ")]
         first = lines.pop(0)                     # the first config once more: what a process's first point adds
         first_extra = max(0.0, sum(first[k] for k in PER_POINT) - sum(lines[0][k] for k in PER_POINT))
-        runs.append([dict(t, startup_s=startup + first_extra) for t in lines])
+        runs.append([dict(t, startup_s=startup, first_s=first_extra) for t in lines])
     return [Timing(**{k: statistics.mean(r[i][k] for r in runs) for k in runs[0][i]}) for i in range(len(cfgs))]
 
 
-PER_POINT = ("setup_s", "pictures_s")  # parts whose first run in a process also imports and loads (timm, a
-                                       # teacher's package, matplotlib): the excess counts as start-up
+PER_POINT = ("setup_s", "pictures_s")  # parts whose first run in a process also loads (a teacher's package,
+                                       # matplotlib): the excess is the first point's `first_s`
 
 
 # ---------------------------------------------------------------- the launch's estimate
@@ -236,13 +251,16 @@ def estimate(cfg, todo: list, slots: int, threads: int, floors_found=lambda cfg:
             fk = json.dumps([key_of[id(pl)], pl.cfg.seed])
             floor_keys[fk] = floor_keys.get(fk, 0) + 1
             floor = floor_keys[fk] <= slots and not floors_found(pl.cfg)  # the first ones run before any is stored
-        startup = (not local) or (slots > 1 and i < slots)               # a worker's first point, every task
-        s, parts = point_seconds(pl.cfg, t, pl.phase, floor, startup)
+        # every SLURM task starts a process; a local launch's workers are forked ready (the import: below), and
+        # the first point of each (or of the launch's own process) loads what later ones find loaded
+        s, parts = point_seconds(pl.cfg, t, pl.phase, floor, startup=not local, first=i < slots)
         out[id(pl)] = Estimate(s, parts, "timed here")
         pl.estimate_s, pl.job_estimate_s = s, s - parts["startup"]
         seconds.append(s)
         after.append(index.get(id(pl.after)) if getattr(pl, "pretrain", "") == "after" else None)
     total = schedule_total(seconds, after, slots)
+    if local and slots > 1:  # the workers' fork server imports once before any point starts (cluster/local.py)
+        total += max(t.startup_s for t in found.values())
     how = f"{slots} at a time" if slots > 1 else "one after another"
     others = sorted({p for pl in todo for p in pl.cfg.evaluate.protocols if p not in ESTIMATED})
     note = (f"estimate: {_hms(total)} for {len(todo)} point(s), {how} ({threads} thread(s) each), from steps timed on "
@@ -336,12 +354,13 @@ def main() -> int:
     import core.job  # noqa: F401 - what a worker imports before (or in) its first point
     import mlflow.tracking  # noqa: F401
     import timm  # noqa: F401
-    import hydra  # noqa: F401 - a local worker is spawned: it imports the launch's main module (sweeps/run.py)
+    import cluster.local  # noqa: F401 - a local worker's fork server imports cluster.local.PRELOAD
     import sweeps.plan  # noqa: F401 - and, to read the points it is sent, what they are
     from core.job import pick_device
-    request = json.loads(sys.stdin.read())
+    request = json.loads(sys.stdin.readline())
     torch.set_num_threads(request["threads"])
     print("ready", flush=True)
+    sys.stdin.readline()  # "go": the other timing processes have imported too
     for text in request["configs"][:1] + request["configs"]:  # the first twice: see measure()
         device = pick_device(OmegaConf.create(text).device)
         print("timing " + json.dumps(_time_one(text, device)), flush=True)

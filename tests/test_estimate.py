@@ -93,5 +93,8 @@ def test_a_point_is_its_parts(compose):
     assert s == pytest.approx(sum(parts.values()))
     with_floor, _ = point_seconds(cfg, t, "all", floor=True, startup=True)
     assert with_floor == pytest.approx(s + one + 4)
+    t.first_s = 2  # what a process's first point loads once: a forked worker's first point pays it, a task both
+    assert point_seconds(cfg, t, "all", floor=False, startup=False, first=True)[0] == pytest.approx(s + 2)
+    assert point_seconds(cfg, t, "all", floor=False, startup=True)[0] == pytest.approx(s + 4 + 2)
     evaluate_only, parts = point_seconds(cfg, t, "evaluate", floor=False, startup=False)
     assert "pretrain" not in parts and evaluate_only == pytest.approx(1 + one)
