@@ -56,6 +56,12 @@ def cache_file() -> Path:
     return cache_dir() / "timings.json"
 
 
+# What a local worker imports before its first point, ~4 CPU-seconds (cluster/local.py preloads them in the fork
+# server its workers are forked from; a timing process imports the same, and that is the start-up it times):
+# torch, timm and torchvision, MLflow's store, the job's modules, hydra (each worker imports the launch's main
+# module, sweeps/run.py, again) and what reads the points it is sent.
+WORKER_IMPORTS = ["torch", "timm", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "core.job",
+                  "core.training.loop", "core.evaluation.evaluate", "core.targets.teachers", "hydra", "sweeps.plan"]
 TIMED = 2  # how timings are taken: a cached timing taken another way is timed again (2: start-up alone, first_s)
 
 
@@ -197,10 +203,15 @@ def measure(cfgs: list, threads: int, together: int = 1) -> list[Timing]:
             if k == 0:  # a launch's workers are forked from one process that imports once, alone: its start-up
                 ready.append(procs[0].stdout.readline())
                 startup = time.perf_counter() - t0
+                if not ready[0].startswith("ready"):
+                    break  # it failed: its error is reported below
         ready += [p.stdout.readline() for p in procs[1:]]
         for p in procs:  # every process has imported: their points are timed side by side
-            p.stdin.write("go\n")
-            p.stdin.close()
+            try:
+                p.stdin.write("go\n")
+                p.stdin.close()
+            except BrokenPipeError:  # it failed: its error is reported below
+                pass
         outs = [p.stdout.read() for p in procs]
         if any(p.wait() != 0 for p in procs) or not all(r.startswith("ready") for r in ready):
             errors.seek(0)
@@ -255,7 +266,7 @@ def estimate(cfg, todo: list, slots: int, threads: int, floors_found=lambda cfg:
         # the first point of each (or of the launch's own process) loads what later ones find loaded
         s, parts = point_seconds(pl.cfg, t, pl.phase, floor, startup=not local, first=i < slots)
         out[id(pl)] = Estimate(s, parts, "timed here")
-        pl.estimate_s, pl.job_estimate_s = s, s - parts["startup"]
+        pl.estimate_s, pl.job_estimate_s = s, s - (t.startup_s if not local else 0.0)  # a job's wall: no imports
         seconds.append(s)
         after.append(index.get(id(pl.after)) if getattr(pl, "pretrain", "") == "after" else None)
     total = schedule_total(seconds, after, slots)
@@ -349,13 +360,12 @@ def _time_one(text: str, device) -> dict:
 def main() -> int:
     """`python -m cluster.estimate` < {"threads": N, "configs": [yaml, ...]}: a line `timing {JSON}` per config,
     after a `ready` line once the imports are done (the parent times its start-up by it)."""
+    import importlib
+
     import torch
 
-    import core.job  # noqa: F401 - what a worker imports before (or in) its first point
-    import mlflow.tracking  # noqa: F401
-    import timm  # noqa: F401
-    import cluster.local  # noqa: F401 - a local worker's fork server imports cluster.local.PRELOAD
-    import sweeps.plan  # noqa: F401 - and, to read the points it is sent, what they are
+    for name in WORKER_IMPORTS:  # what a worker imports before its first point
+        importlib.import_module(name)
     from core.job import pick_device
     request = json.loads(sys.stdin.readline())
     torch.set_num_threads(request["threads"])

@@ -31,6 +31,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from cluster.backend import Backend
+from cluster.estimate import WORKER_IMPORTS
 from core.training.data import cpu_count
 from core.job import run_point
 from core.tracking import TrackingUnavailable
@@ -215,7 +216,7 @@ def _serve(conn, threads: int, launch: int) -> None:
 
     import mlflow.tracking  # noqa: F401 - here, not in the first point: a Ctrl-C inside an import breaks it
     import torch
-    os.setpgrp()  # Ctrl-C in a terminal reaches the launch only; it tells each worker once (SIGINT)
+    os.setpgrp()  # Ctrl-C in a terminal reaches the launch, not the points (the launch tells each worker once)
     torch.set_num_threads(threads)
     os.environ["MIMSWEEP_WORKER_CPUS"] = str(threads)  # data.num_workers=auto shares the CPUs, too
     orphan = threading.Event()
@@ -259,8 +260,37 @@ class _Worker:
         self.proc = ctx.Process(target=_serve, args=(child, threads, os.getpid()), name="mimsweep-worker")
         self.proc.start()
         child.close()
+        # The worker's own handle: its state as the fork server reports it is lost if the fork server dies
+        # (SIGTERM to the launch's process group reaches it), while the worker itself may still run.
+        try:
+            self.pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            self.pidfd = None
         self.job = None  # (index, Planned, row, t0) while it runs a point
         self.started = False
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the worker if it still runs (through its pidfd: never to a pid reused since)."""
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            elif self.proc.is_alive():
+                os.kill(self.proc.pid, sig)
+        except (ProcessLookupError, OSError):
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the worker has ended within `timeout` seconds."""
+        if self.pidfd is None:
+            self.proc.join(timeout=timeout)
+            return not self.proc.is_alive()
+        import select
+        return bool(select.select([self.pidfd], [], [], timeout)[0])
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
     def start_up(self) -> None:
         """Wait until the process has imported everything (seconds, once), so that a point's run, created
@@ -271,9 +301,7 @@ class _Worker:
             self.started = True
 
 
-# What a worker imports before its first point (~4 CPU-seconds: torch, timm and torchvision, MLflow's store).
-PRELOAD = ["torch", "timm", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "core.job",
-           "core.training.loop", "core.evaluation.evaluate", "core.targets.teachers", "cluster.local"]
+PRELOAD = [*WORKER_IMPORTS, "cluster.local"]  # what the fork server imports once for every worker
 
 
 def _context():
@@ -337,6 +365,7 @@ def _run_parallel(todo, uri: str, root: Path, workers: int, open_run=None, queue
                             tracking.set_status(tracking.job_client(uri), todo[i].run_id, "FAILED", reason)
                         except Exception as e:  # noqa: BLE001 - the launch marks it when it ends
                             print(f"warning: could not mark run {todo[i].run_id} FAILED: {e}", file=sys.stderr)
+                    w.close()
                     pool[k] = _Worker(ctx, threads)
                 row["wall_s"] = time.perf_counter() - t0
                 ended.add(i)
@@ -344,21 +373,21 @@ def _run_parallel(todo, uri: str, root: Path, workers: int, open_run=None, queue
                 _ended(row, reason, f"{todo[i].point.label}: ")
     except BaseException:  # Ctrl-C / SIGTERM / a bug here: stop the points, each marks its run KILLED
         for w in pool:
-            if w.job and w.proc.is_alive():
-                os.kill(w.proc.pid, signal.SIGINT)
+            if w.job:
+                w.signal(signal.SIGINT)
         raise
     finally:
         for w in pool:  # a busy one reads it after its point (one that was told to stop exits before)
-            if w.proc.is_alive():
-                try:
-                    w.conn.send(None)
-                except OSError:
-                    pass
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
         for w in pool:
-            w.proc.join(timeout=120)
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join()
+            if not w.wait(120):
+                w.signal(signal.SIGKILL)
+                w.wait(10)
+            w.proc.join(timeout=1)
+            w.close()
     return rows
 
 

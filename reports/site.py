@@ -390,6 +390,7 @@ def build(uri: str, out: Path, ui: str = "http://localhost:5000", curve_points: 
 
 
 PARALLEL_FROM = 24  # sweeps: from this many, their reports and pages are built by one process per CPU
+MAX_PROCESSES = 8   # each holds what the parent read (copy-on-write, but touched pages are copied)
 
 
 def _processes(n_sweeps: int) -> int:
@@ -397,7 +398,7 @@ def _processes(n_sweeps: int) -> int:
     from small frames, ~30 ms a sweep, all CPU), one below PARALLEL_FROM sweeps, where forking costs more."""
     import os
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cpus, n_sweeps) if n_sweeps >= PARALLEL_FROM else 1
+    return min(cpus, n_sweeps, MAX_PROCESSES) if n_sweeps >= PARALLEL_FROM else 1
 
 
 _SHARED: tuple = ()  # what the forked processes read: set just before they fork, so they inherit it
@@ -428,11 +429,16 @@ def _write_pages(sweeps: list[Sweep], by_id: dict, curves: dict, out: Path, ui: 
             done = _pages_of(list(range(len(sweeps))))
         else:
             import multiprocessing as mp
+            import gc
             shares = [list(range(k, len(sweeps), processes)) for k in range(processes)]  # big and small mixed
+            gc.freeze()  # the read store's objects stay shared: the children's collector does not touch them
             with mp.get_context("fork").Pool(processes) as pool:
                 done = [x for part in pool.map(_pages_of, shares) for x in part]
     finally:
         _SHARED = ()
+        if processes > 1:
+            import gc
+            gc.unfreeze()
     headlines = dict(done)
     return [headlines[i] for i in range(len(sweeps))]
 

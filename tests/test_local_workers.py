@@ -130,16 +130,20 @@ def test_a_killed_worker_fails_its_point_the_others_finish_and_a_relaunch_resume
     assert {r.info.status for r in _points(out).values()} == {"FINISHED"}
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL", "SIGTERM to the group"])
 def test_the_launch_stopped_or_killed_stops_its_workers_and_their_runs_end_killed(tmp_path, how):
     out = tmp_path / "out"
     p = _start(out, "cluster.workers=2")
     workers = _wait_for_training(out, p)
-    os.kill(p.pid, getattr(signal, how))           # the launch only: the workers are in their own group
+    if how == "SIGTERM to the group":  # as a shell's `kill %1`: the launch, its fork server and resource tracker
+        os.killpg(p.pid, signal.SIGTERM)            # (the workers are in groups of their own)
+    else:
+        os.kill(p.pid, getattr(signal, how))       # the launch only
     text = p.communicate(timeout=180)[0]
     if how != "SIGKILL":
         assert p.returncode == 130, text
-        assert ("interrupted by signal SIGTERM" if how == "SIGTERM" else "interrupted by Ctrl-C (SIGINT)") in text, text
+        assert ("interrupted by signal SIGTERM" if how.startswith("SIGTERM") else "interrupted by Ctrl-C (SIGINT)") \
+            in text, text
     deadline = time.time() + 60                    # after -9, each worker notices within a second
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.2)
