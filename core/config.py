@@ -345,3 +345,11 @@ def resolve_path(path: str) -> Path:
     """A file named in the config: absolute, or relative to the repository (packaged assets)."""
     p = Path(path).expanduser()
     return p if p.is_absolute() or p.exists() else REPO / p
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity: what SLURM or taskset bound it to)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import hashlib
 import html
 import json
@@ -40,7 +41,7 @@ import pandas as pd
 
 from cluster import progress as live
 from core import tracking
-from core.config import CONFIG_DIR
+from core.config import CONFIG_DIR, cpu_count
 from reports import figures, runs as read, table
 
 ASSETS = Path(__file__).parent / "assets"
@@ -396,9 +397,7 @@ MAX_PROCESSES = 8   # each holds what the parent read (copy-on-write, but touche
 def _processes(n_sweeps: int) -> int:
     """Processes that build the reports and pages: one per CPU for a big store (pandas builds each table
     from small frames, ~30 ms a sweep, all CPU), one below PARALLEL_FROM sweeps, where forking costs more."""
-    import os
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cpus, n_sweeps, MAX_PROCESSES) if n_sweeps >= PARALLEL_FROM else 1
+    return min(cpu_count(), n_sweeps, MAX_PROCESSES) if n_sweeps >= PARALLEL_FROM else 1
 
 
 _SHARED: tuple = ()  # what the forked processes read: set just before they fork, so they inherit it
@@ -429,7 +428,6 @@ def _write_pages(sweeps: list[Sweep], by_id: dict, curves: dict, out: Path, ui: 
             done = _pages_of(list(range(len(sweeps))))
         else:
             import multiprocessing as mp
-            import gc
             shares = [list(range(k, len(sweeps), processes)) for k in range(processes)]  # big and small mixed
             gc.freeze()  # the read store's objects stay shared: the children's collector does not touch them
             with mp.get_context("fork").Pool(processes) as pool:
@@ -437,7 +435,6 @@ def _write_pages(sweeps: list[Sweep], by_id: dict, curves: dict, out: Path, ui: 
     finally:
         _SHARED = ()
         if processes > 1:
-            import gc
             gc.unfreeze()
     headlines = dict(done)
     return [headlines[i] for i in range(len(sweeps))]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from core.config import check, check_in, check_number, check_pair
+from core.config import check, check_in, check_number, check_pair, cpu_count  # noqa: F401 - read here too
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "assets" / "fashion_mnist_subset.npz"
 
@@ -270,14 +270,6 @@ class BatchAugmented(Dataset):
         if imgs.dtype == torch.uint8:
             out = out.div_(255.0)
         return out.clamp_(0.0, 1.0), self.labels[ids]
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on (its affinity: what SLURM or taskset bound it to)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 MAX_AUTO_WORKERS = 16  # 15 workers decoded 11,600 img/s of 500x375 JPEGs on the GPU machine (ENV.md)
