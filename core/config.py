@@ -211,11 +211,17 @@ def flatten(cfg, prefix: str = "") -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=8192)
+def under(key: str, prefixes: tuple) -> bool:
+    """Whether a flattened key is one of `prefixes` or below one (asked for every key of every point of a grid:
+    cached)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
 def science_params(cfg, flat: dict | None = None) -> dict:
     """The flattened config without the run-only keys: what determines the result (`flat`: flatten(cfg) if
     the caller has it)."""
-    return {k: v for k, v in (flat if flat is not None else flatten(cfg)).items()
-            if not any(k == r or k.startswith(r + ".") for r in RUN_ONLY)}
+    return {k: v for k, v in (flat if flat is not None else flatten(cfg)).items() if not under(k, RUN_ONLY)}
 
 
 def signature(cfg, flat: dict | None = None) -> str:

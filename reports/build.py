@@ -75,7 +75,13 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
         raise NothingToReport(f"no experiment '{experiment}' in the MLflow store {tracking.redact(uri)}.")
     from sweeps.plan import match
     from core.tracking import bulk
-    points = bulk.runs(c, [exp.experiment_id], {tracking.TAG + "kind": "point", tracking.TAG + "sweep": sweep})
+    # params and metrics of the runs the plan can match only (not of the sweep's other variants in the experiment)
+    pairs = {(sig, pl.eval_sig) for pl in planned for sig in (pl.signatures or (pl.signature,))}
+    legacy = {pl.legacy_sig for pl in planned}
+    t = tracking.TAG
+    points = bulk.runs(c, [exp.experiment_id], {t + "kind": "point", t + "sweep": sweep},
+                       detail=lambda tags: (tags.get(t + "pretrain_signature"), tags.get(t + "eval_signature")) in pairs
+                       or (not tags.get(t + "pretrain_signature") and tags.get(t + "signature") in legacy))
     found = match(planned, points)                                 # the identity rules (core/tracking/identity.py)
     used = {run.info.run_id for run in found.values() if run.info.status == tracking.FINISHED}
     others = len({r.info.run_id for r in points if r.info.status == tracking.FINISHED} - used)
@@ -106,11 +112,15 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
 
 
 def describe(planned: list) -> str:
-    """What "ours" is, from the composed configs of the plan (reports/runs.py describe)."""
-    from core import methods
+    """What "ours" is, from the composed configs of the plan (reports/runs.py describe). Whether a point's
+    method builds a teacher is known from the signature its run matched (sweeps/plan.py match), which spares the
+    report importing the methods (and torch, ~1 s); only for points matched otherwise are the methods asked."""
     from reports import runs
-    return runs.describe([runs.as_params(pl.cfg) for pl in planned],
-                         uses_teacher=any(methods.uses_teacher(pl.cfg) for pl in planned), recipe_known=True)
+    known = [pl.uses_teacher for pl in planned if pl.uses_teacher is not None]
+    if len(known) < len(planned):
+        from core import methods
+        known = [methods.uses_teacher(pl.cfg) for pl in planned]
+    return runs.describe([runs.as_params(pl.cfg) for pl in planned], uses_teacher=any(known), recipe_known=True)
 
 
 def write(rep: Report, out_dir: Path) -> list[Path]:
@@ -158,7 +168,7 @@ def report(cfg: DictConfig, task_overrides: list[str]) -> int:
     if cfg.get("sweep") is None:
         print(f"error: give sweep=NAME; available: {', '.join(available_sweeps())}", file=sys.stderr)
         return 2
-    name, planned = plan(cfg, task_overrides)
+    name, planned = plan(cfg, task_overrides, check=False)  # the launch checked them; torch is not imported
     spec = OmegaConf.to_container(cfg.sweep, resolve=True)
     try:
         table.check_compare(spec)  # a malformed report block stops before the store is read

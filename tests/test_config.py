@@ -135,6 +135,45 @@ def test_every_sweep_spec_expands_and_validates(compose):
             assert OmegaConf.to_container(fast) == OmegaConf.to_container(full), (spec_file.name, p.label)
 
 
+@pytest.mark.parametrize("overrides", [
+    ["model.embed_dim=64", "model.num_heads=4"],                 # what mcm's decoder_dim/heads interpolate
+    ["evaluate.layer=1", "evaluate.pool=cls"],                   # interpolations inside lists
+    ["evaluate.linear.layers=[0,-1]"],                          # a list with interpolations replaced
+    ["method.decoder_dim=${model.depth}", "model.depth=3"],     # an override that is itself an interpolation
+    ["~method.decoder_heads"],                                  # an interpolation deleted
+])
+def test_a_point_resolves_its_interpolations_as_a_full_compose(compose, overrides):
+    """compose_point resolves only where the composed config has interpolations (and a plain `${a.b}` by a
+    lookup): the values it gives are those of Hydra's full compose + OmegaConf.resolve."""
+    from sweeps.grid import Point
+    from sweeps.plan import compose_point
+    point = Point(label="p", seed=0, overrides=["method=mcm", *overrides])
+    fast = compose_point(["preset=smoke"], point, {})
+    full = compose("preset=smoke", "method=mcm", *overrides)
+    assert OmegaConf.to_container(fast) == OmegaConf.to_container(full)
+    assert fast.method.get("decoder_dim") == full.method.get("decoder_dim") and fast.evaluate.linear == full.evaluate.linear
+
+
+def test_a_plan_without_checks_learns_from_its_runs_which_points_use_a_teacher(compose):
+    """status.py and reports/build.py plan without checks (no method imported, no torch): a point's teacher use
+    is then what the run it matched was signed with, the same as the method says."""
+    from types import SimpleNamespace
+
+    from sweeps.plan import match, plan
+    overrides = ["sweep=mcm_target", "preset=smoke"]
+    checked = plan(compose(*overrides), overrides)[1]
+    unchecked = plan(compose(*overrides), overrides, check=False)[1]
+    assert [pl.uses_teacher for pl in checked] == [False, False, True, True]     # pixel, pixel, teacher, teacher
+    assert all(pl.uses_teacher is None for pl in unchecked)
+    runs = [SimpleNamespace(data=SimpleNamespace(tags={"mimsweep.kind": "point", "mimsweep.pretrain_signature":
+                                                       pl.signature, "mimsweep.eval_signature": pl.eval_sig}))
+            for pl in checked]
+    found = match(unchecked, runs)
+    assert len(found) == 4
+    assert [pl.uses_teacher for pl in unchecked] == [False, False, True, True]
+    assert [pl.signature for pl in unchecked] == [pl.signature for pl in checked]
+
+
 def test_cli_reports_a_bad_value_without_traceback(tmp_path):
     res = run_cli("sweeps/run.py", "sweep=mcm_mask_ratio", "method.decoder_depth=0", f"output_root={tmp_path}")
     assert res.returncode == 2

@@ -111,13 +111,16 @@ def test_cfg_job_prints_the_recipe_of_the_sweeps_method(sweep, method, epochs):
 def test_report_caption_names_the_recipe(compose):
     from reports.build import describe
     from sweeps.grid import Point
+    from sweeps.plan import Planned
 
-    class Planned:
-        def __init__(self, cfg):
-            self.cfg, self.point = cfg, Point("x", 0, [])
-    caption = describe([Planned(compose("preset=paper", "method=maskalign"))])
+    def planned(cfg, uses_teacher=None):  # None: as planned without checks and not matched to a run
+        return Planned(Point("x", 0, []), cfg, "", uses_teacher=uses_teacher)
+    maskalign = compose("preset=paper", "method=maskalign")
+    caption = describe([planned(maskalign)])
     assert "recipe: MaskAlign (Xue et al. 2023), official code" in caption
-    assert "recipe: none" in describe([Planned(compose())])
+    assert "recipe: none" in describe([planned(compose())])
+    # what a matched run says of its teacher is what the method says (no method imported then)
+    assert describe([planned(maskalign, uses_teacher=True)]) == caption
 
 
 # ---- the options the recipes set (off in the embedded defaults)

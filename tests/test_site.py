@@ -144,6 +144,16 @@ def test_bulk_read_of_a_database_store_equals_mlflows_search(store, tmp_path, mo
     assert sorted(r.info.run_id for r in picked) == sorted(r.info.run_id for r in points if r.info.run_id in ids
                                                            and r.data.tags["mimsweep.sweep"] == "mcm_recon_range")
 
+    # `detail`: params and metrics only for the runs it wants (a report: those its plan matches), tags of all
+    keep = picked[0].data.tags["mimsweep.pretrain_signature"]
+    detailed = bulk.runs(c, list(experiments), chosen, detail=lambda t: t["mimsweep.pretrain_signature"] == keep)
+    assert [r.info.run_id for r in detailed] == [r.info.run_id for r in picked]
+    for mine, full in zip(detailed, picked):
+        wanted = full.data.tags["mimsweep.pretrain_signature"] == keep
+        assert (mine.info, mine.data.tags) == (full.info, full.data.tags)
+        assert (mine.data.params, mine.data.metrics) == ((full.data.params, full.data.metrics) if wanted else ({}, {}))
+    assert 0 < sum(r.data.tags["mimsweep.pretrain_signature"] == keep for r in picked) < len(picked)
+
     by_run = bulk.histories(c, sorted(ids), "train_loss")       # a few runs: by run id
     monkeypatch.setattr(bulk, "SCAN_ABOVE", 1)
     # "most of a store": every table read in one pass, the chosen runs' rows kept (deleted run, other sweep out)

@@ -73,12 +73,14 @@ def experiments(c) -> dict[str, str]:
             return out
 
 
-def runs(c, experiment_ids: list[str], tags: dict[str, str] | None = None) -> list[Record]:
-    """Every live run of these experiments that carries all of `tags` (key: value), oldest first."""
+def runs(c, experiment_ids: list[str], tags: dict[str, str] | None = None, detail=None) -> list[Record]:
+    """Every live run of these experiments that carries all of `tags` (key: value), oldest first. `detail(tags)`:
+    whether a run's params and metrics are wanted (a report: only the runs its plan matches, by their identity
+    tags; the others of the sweep, earlier variants, come with their info and tags only). None: all of them."""
     if not experiment_ids:
         return []
     store = _sql_store(c)
-    return _runs_sql(store, experiment_ids, tags or {}) if store else _runs_search(c, experiment_ids, tags or {})
+    return _runs_sql(store, experiment_ids, tags or {}, detail) if store else _runs_search(c, experiment_ids, tags or {})
 
 
 def record_of(run) -> Record:
@@ -104,7 +106,7 @@ def _runs_search(c, experiment_ids: list[str], tags: dict[str, str]) -> list[Rec
     return sorted(out, key=lambda r: r.info.start_time or 0)
 
 
-def _runs_sql(store, experiment_ids: list[str], tags: dict[str, str]) -> list[Record]:
+def _runs_sql(store, experiment_ids: list[str], tags: dict[str, str], detail=None) -> list[Record]:
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
     from sqlalchemy import exists, select
 
@@ -132,13 +134,18 @@ def _runs_sql(store, experiment_ids: list[str], tags: dict[str, str]) -> list[Re
         for run_id, key, value in rows_of(SqlTag.run_uuid, SqlTag.key, SqlTag.value):
             if run_id in out:
                 out[run_id].data.tags[key] = value
+        if detail is not None:  # params (~110 a run) and metrics of the wanted runs only
+            ids = [i for i in ids if detail(out[i].data.tags)]
+            wanted = set(ids)
+        else:
+            wanted = out
         for run_id, key, value in rows_of(SqlParam.run_uuid, SqlParam.key, SqlParam.value):
-            if run_id in out:
+            if run_id in wanted:
                 out[run_id].data.params[key] = value
         for run_id, key, value, stamp, is_nan in rows_of(SqlLatestMetric.run_uuid, SqlLatestMetric.key,
                                                          SqlLatestMetric.value, SqlLatestMetric.timestamp,
                                                          SqlLatestMetric.is_nan):
-            if run_id in out:
+            if run_id in wanted:
                 d = out[run_id].data
                 d.metrics[key] = math.nan if is_nan else value
                 d.metric_time = max(d.metric_time, stamp or 0)

@@ -36,14 +36,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-from core.config import RUN_ONLY, flatten
+from core.config import RUN_ONLY, flatten, under
 
 EVAL_ONLY = ("evaluate", "data.test_limit")   # read by evaluation only (see the docstring)
 TEACHER = "teacher"
-
-
-def _under(key: str, prefixes) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def _hash(params: dict) -> str:
@@ -54,13 +50,13 @@ def pretrain_params(cfg, uses_teacher: bool, flat: dict | None = None) -> dict:
     """The flattened config keys that change what pre-training computes (`uses_teacher`: whether the
     point's method builds its teacher, core.methods.uses_teacher; `flat`: flatten(cfg) if the caller has it)."""
     drop = RUN_ONLY + EVAL_ONLY + (() if uses_teacher else (TEACHER,))
-    return {k: v for k, v in (flat if flat is not None else flatten(cfg)).items() if not _under(k, drop)}
+    return {k: v for k, v in (flat if flat is not None else flatten(cfg)).items() if not under(k, drop)}
 
 
 def eval_params(cfg, flat: dict | None = None) -> dict:
     """The flattened evaluation config (everything under evaluate.*, and data.test_limit), run-only keys out."""
     return {k: v for k, v in (flat if flat is not None else flatten(cfg)).items()
-            if _under(k, EVAL_ONLY) and not _under(k, RUN_ONLY)}
+            if under(k, EVAL_ONLY) and not under(k, RUN_ONLY)}
 
 
 def pretrain_signature(cfg, uses_teacher: bool, flat: dict | None = None) -> str:
