@@ -149,8 +149,10 @@ def replacing(base: list[str], *overrides: str) -> list[str]:
     return [o for o in base if o.split("=", 1)[0].lstrip("+~") not in keys] + list(overrides)
 
 
-# The smallest real configuration: the embedded data, vit_micro, a handful of steps.
-TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "evaluate.floor=false"]
+# The smallest real configuration: the embedded data, vit_micro, a handful of steps. No time estimate: timing a
+# new shape starts two more processes (~15 CPU-seconds), and the tests of the estimate ask for it (estimate=auto).
+TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "evaluate.floor=false",
+        "estimate=false"]
 
 
 def _need(tool_ok: bool, what: str, how: str):

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, replacing, run_cli
 
 FACTOR = 1.5
 
@@ -61,12 +61,12 @@ def test_the_smoke_sweep_takes_what_its_plan_said_within_a_factor_of_1_5(tmp_pat
 
 
 def test_estimate_false_and_slurm_without_timings_print_no_figure(tmp_path):
-    off = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, "estimate=false", "dry_run=true",
+    off = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, "dry_run=true",  # TINY says estimate=false
                   f"output_root={tmp_path / 'o'}", env={"MIMSWEEP_CACHE": str(tmp_path / "cache")})
     assert off.returncode == 0, off.stderr
     assert "estimate:" not in off.stdout and ", ~" not in off.stdout
     assert not (tmp_path / "cache").exists()                       # nothing timed, nothing cached
-    bad = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, "estimate=maybe", "dry_run=true",
+    bad = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *replacing(TINY, "estimate=maybe"), "dry_run=true",
                   f"output_root={tmp_path / 'o'}")
     assert bad.returncode == 2 and bad.stderr.startswith("error: estimate=")
 
