@@ -259,19 +259,25 @@ def test_the_ui_opens_the_experiment_on_its_runs_and_compares_the_points(layout,
 
 # ---------------------------------------------------------------------------- floors computed once, for real
 def _floor_points(uri: str, n: int, tmp_path: Path, extra: list[str], env: dict | None = None,
-                  go: bool = True) -> list[subprocess.Popen]:
-    """n processes, each a point reaching its floor (tests/floor_worker.py); released together once all wait."""
+                  go: bool = True) -> subprocess.Popen:
+    """n points reaching their floor (forked by tests/floor_worker.py, each a process); released together once
+    all wait. `_outputs` reads what each printed."""
     gate = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests/floor_worker.py"), uri, "floor_race", str(gate),
-                               str(tmp_path / f"out{i}.json"), *extra], cwd=REPO,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "MIMSWEEP_PROGRESS": "0", **(env or {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests/floor_worker.py"), uri, "floor_race", str(gate),
+                             str(tmp_path), str(n), *extra], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MIMSWEEP_PROGRESS": "0", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while go and time.time() < deadline and not all((tmp_path / f"out{i}.json.ready").exists() for i in range(n)):
-        assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs if p.poll() is not None]
+        assert proc.poll() is None, proc.communicate()[0] + "\n".join(_outputs(tmp_path, n))
         time.sleep(0.2)
     gate.touch()
-    return procs
+    return proc
+
+
+def _outputs(tmp_path: Path, n: int) -> list[str]:
+    """What each of the n points printed (their logs)."""
+    return [(tmp_path / f"out{i}.log").read_text() if (tmp_path / f"out{i}.log").exists() else "" for i in range(n)]
 
 
 def _floor_runs(uri: str, extra_filter: str = "") -> list:
@@ -295,9 +301,11 @@ def test_points_reaching_a_floor_together_compute_it_once(n, store, tmp_path, re
     uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path}/mlflow.db"
     tracking.open_store(uri, create=True)          # as a launch does before its jobs start
     seed = f"seed={100 + n + (50 if store == 'server' else 0)}"    # floor keys of this case only
-    procs = _floor_points(uri, n, tmp_path, [seed])
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    proc = _floor_points(uri, n, tmp_path, [seed])
+    said = proc.communicate(timeout=600)[0]
+    outs = _outputs(tmp_path, n)
+    assert proc.returncode == 0, said + "\n".join(outs)
+    assert all(outs) and len(list(tmp_path.glob("out*.json"))) == n, outs   # n points, each its own process
     results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(n)]
     assert len({json.dumps(r["floor"], sort_keys=True) for r in results}) == 1     # everyone read the same floors
     assert len({json.dumps(r["floor_runs"], sort_keys=True) for r in results}) == 1
@@ -319,15 +327,16 @@ def test_a_floor_whose_computing_point_died_is_taken_over(tmp_path):
     from core import tracking
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracking.open_store(uri, create=True)
-    (dead,) = _floor_points(uri, 1, tmp_path, ["seed=7"], env={"MIMSWEEP_FAULT": "floor.started"})
+    dead = _floor_points(uri, 1, tmp_path, ["seed=7"], env={"MIMSWEEP_FAULT": "floor.started"})
     dead.communicate(timeout=300)
-    assert dead.returncode == -signal.SIGKILL
+    assert dead.returncode == -signal.SIGKILL, _outputs(tmp_path, 1)
     held = [e for e in _claims(uri) if e.lifecycle_stage == "active"]
     assert len(held) == 2, held                                   # its two claims (k-NN, linear) were left
     assert {r.info.status for r in _floor_runs(uri)} == {"RUNNING"}
-    (alive,) = _floor_points(uri, 1, tmp_path, ["seed=7"])
-    out = alive.communicate(timeout=300)[0]
-    assert alive.returncode == 0, out
+    alive = _floor_points(uri, 1, tmp_path, ["seed=7"])
+    said = alive.communicate(timeout=300)[0]
+    out = _outputs(tmp_path, 1)[0]
+    assert alive.returncode == 0, said + out
     assert "waiting for another point" not in out, out     # taken over at once, not after STALE_S (180 s)
     runs = _floor_runs(uri)
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
