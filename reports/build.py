@@ -120,7 +120,8 @@ def describe(planned: list) -> str:
     if len(known) < len(planned):
         from core import methods
         known = [methods.uses_teacher(pl.cfg) for pl in planned]
-    return runs.describe([runs.as_params(pl.cfg) for pl in planned], uses_teacher=any(known), recipe_known=True)
+    return runs.describe([runs.as_params(pl.flat if pl.flat is not None else pl.cfg) for pl in planned],
+                         uses_teacher=any(known), recipe_known=True)  # pl.flat: flattened once, when planned
 
 
 def write(rep: Report, out_dir: Path) -> list[Path]:

@@ -19,7 +19,8 @@ VARIES = "varies"  # a caption value that differs between the points (it is what
 
 
 def as_params(cfg) -> dict[str, str]:
-    """A composed config as the strings MLflow keeps for a run (the same conversion as create_point_run)."""
+    """A composed config (or its core.config.flatten) as the strings MLflow keeps for a run (the same
+    conversion as create_point_run)."""
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(cfg).items()}
 
 

@@ -163,14 +163,18 @@ def _resolve_at(cfg, path: tuple, reference: str | None) -> None:
     replaced it or its container: then there is nothing, or only plain values, left to resolve there). A plain
     reference to a plain value is looked up directly: OmegaConf would parse it with its grammar, ~0.3 ms."""
     from omegaconf._impl import _resolve_container_value
+    def has(node, key) -> bool:  # without raising on a key a deletion (`~key`) or a replacement took away
+        return (isinstance(node, DictConfig) and not node._is_none() and not node._is_missing() and key in node
+                or isinstance(node, ListConfig) and not node._is_none() and not node._is_missing()
+                and isinstance(key, int) and key < len(node))
+
     parent = cfg
     for k in path[:-1]:
-        parent = parent._get_node(k) if isinstance(parent, (DictConfig, ListConfig)) else None
-        if parent is None:
+        if not has(parent, k):
             return
+        parent = parent._get_node(k)
     key = path[-1]
-    if not (isinstance(parent, DictConfig) and key in parent or
-            isinstance(parent, ListConfig) and isinstance(key, int) and key < len(parent)):
+    if not has(parent, key):
         return
     node = parent._get_node(key)
     if reference and node._is_interpolation() and str(node._value()) == f"${{{reference}}}":

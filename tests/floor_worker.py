@@ -39,7 +39,7 @@ OmegaConf.resolve(cfg)
 def point(i: int) -> None:
     """One point, in a forked process of its own (its own store connection)."""
     out = Path(out_dir) / f"out{i}.json"
-    log = os.open(f"{out}".replace(".json", ".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    log = os.open(out.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     torch.set_num_threads(1)
@@ -79,4 +79,5 @@ status = [os.waitpid(pid, 0)[1] for pid in children]
 killed = [os.WTERMSIG(s) for s in status if os.WIFSIGNALED(s)]
 if killed:
     os.kill(os.getpid(), killed[0])
+    sys.exit(128 + killed[0])  # a signal Python handles or ignores: still not a success
 sys.exit(max((os.WEXITSTATUS(s) for s in status), default=0))

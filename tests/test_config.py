@@ -141,6 +141,9 @@ def test_every_sweep_spec_expands_and_validates(compose):
     ["evaluate.linear.layers=[0,-1]"],                          # a list with interpolations replaced
     ["method.decoder_dim=${model.depth}", "model.depth=3"],     # an override that is itself an interpolation
     ["~method.decoder_heads"],                                  # an interpolation deleted
+    ["evaluate.protocols=[knn]", "~evaluate.linear"],           # the container of interpolations deleted
+    ["evaluate.protocols=[knn]", "~evaluate.linear.pools"],
+    ["evaluate.linear.layers=null"],
 ])
 def test_a_point_resolves_its_interpolations_as_a_full_compose(compose, overrides):
     """compose_point resolves only where the composed config has interpolations (and a plain `${a.b}` by a
@@ -151,7 +154,8 @@ def test_a_point_resolves_its_interpolations_as_a_full_compose(compose, override
     fast = compose_point(["preset=smoke"], point, {})
     full = compose("preset=smoke", "method=mcm", *overrides)
     assert OmegaConf.to_container(fast) == OmegaConf.to_container(full)
-    assert fast.method.get("decoder_dim") == full.method.get("decoder_dim") and fast.evaluate.linear == full.evaluate.linear
+    assert fast.method.get("decoder_dim") == full.method.get("decoder_dim")
+    assert fast.evaluate.get("linear") == full.evaluate.get("linear")
 
 
 def test_a_plan_without_checks_learns_from_its_runs_which_points_use_a_teacher(compose):
