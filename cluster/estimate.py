@@ -239,7 +239,7 @@ def estimate(cfg, todo: list, slots: int, threads: int, floors_found=lambda cfg:
     if mode is False or not todo:
         return {}, 0.0, ""
     local = cfg.cluster.backend != "slurm"
-    from core.training.data import cpu_count
+    from core.config import cpu_count
     together = min(slots, max(1, cpu_count() // threads)) if local else 1
     by_shape, key_of = {}, {}
     for pl in todo:

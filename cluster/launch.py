@@ -193,7 +193,7 @@ def _parallelism(cfg, n: int) -> tuple[int, int]:
     if cfg.cluster.backend == "slurm":
         return max(1, min(int(cfg.cluster.array_parallelism), n)), int(cfg.cluster.cpus_per_task)
     from cluster.local import workers_for
-    from core.training.data import cpu_count
+    from core.config import cpu_count
     w = workers_for(cfg, max(n, 1))
     return w, max(1, cpu_count() // w)
 

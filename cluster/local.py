@@ -32,7 +32,7 @@ from pathlib import Path
 
 from cluster.backend import Backend
 from cluster.estimate import WORKER_IMPORTS
-from core.training.data import cpu_count
+from core.config import cpu_count
 from core.job import run_point
 from core.tracking import TrackingUnavailable
 from core.training.loop import DiskFull, NonFiniteLoss

@@ -73,15 +73,11 @@ def load_runs(uri: str, experiment: str, sweep: str, planned: list) -> pd.DataFr
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
     if exp is None or exp.lifecycle_stage == "deleted":  # never create or restore it: we only read
         raise NothingToReport(f"no experiment '{experiment}' in the MLflow store {tracking.redact(uri)}.")
-    from sweeps.plan import match
+    from sweeps.plan import match, matchable
     from core.tracking import bulk
     # params and metrics of the runs the plan can match only (not of the sweep's other variants in the experiment)
-    pairs = {(sig, pl.eval_sig) for pl in planned for sig in (pl.signatures or (pl.signature,))}
-    legacy = {pl.legacy_sig for pl in planned}
-    t = tracking.TAG
-    points = bulk.runs(c, [exp.experiment_id], {t + "kind": "point", t + "sweep": sweep},
-                       detail=lambda tags: (tags.get(t + "pretrain_signature"), tags.get(t + "eval_signature")) in pairs
-                       or (not tags.get(t + "pretrain_signature") and tags.get(t + "signature") in legacy))
+    points = bulk.runs(c, [exp.experiment_id], {tracking.TAG + "kind": "point", tracking.TAG + "sweep": sweep},
+                       detail=matchable(planned))
     found = match(planned, points)                                 # the identity rules (core/tracking/identity.py)
     used = {run.info.run_id for run in found.values() if run.info.status == tracking.FINISHED}
     others = len({r.info.run_id for r in points if r.info.status == tracking.FINISHED} - used)

@@ -163,28 +163,31 @@ def _resolve_at(cfg, path: tuple, reference: str | None) -> None:
     replaced it or its container: then there is nothing, or only plain values, left to resolve there). A plain
     reference to a plain value is looked up directly: OmegaConf would parse it with its grammar, ~0.3 ms."""
     from omegaconf._impl import _resolve_container_value
-    def has(node, key) -> bool:  # without raising on a key a deletion (`~key`) or a replacement took away
-        return (isinstance(node, DictConfig) and not node._is_none() and not node._is_missing() and key in node
-                or isinstance(node, ListConfig) and not node._is_none() and not node._is_missing()
-                and isinstance(key, int) and key < len(node))
-
     parent = cfg
     for k in path[:-1]:
-        if not has(parent, k):
-            return
-        parent = parent._get_node(k)
-    key = path[-1]
-    if not has(parent, key):
+        parent = _child(parent, k)
+    node = _child(parent, path[-1])
+    if node is None:
         return
-    node = parent._get_node(key)
     if reference and node._is_interpolation() and str(node._value()) == f"${{{reference}}}":
         target = cfg
         for part in reference.split("."):
-            target = target._get_node(part) if isinstance(target, DictConfig) and part in target else None
+            target = _child(target, part)
         if isinstance(target, ValueNode) and not target._is_interpolation() and not target._is_missing():
             node._set_value(target._value())
             return
-    _resolve_container_value(parent, key)
+    _resolve_container_value(parent, path[-1])
+
+
+def _child(node, key):
+    """The node at `key` of a config node, or None where there is none (a deletion `~key` or a replaced
+    container took it away; OmegaConf's struct mode would raise)."""
+    if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing() and key in node:
+        return node._get_node(key)
+    if isinstance(node, ListConfig) and not node._is_none() and not node._is_missing() \
+            and isinstance(key, int) and key < len(node):
+        return node._get_node(key)
+    return None
 
 
 def check_command_line(task_overrides: list[str]) -> None:
@@ -349,6 +352,20 @@ def plan(cfg: DictConfig, task_overrides: list[str], check: bool = True) -> tupl
                                identity.legacy_signature(pc, flat), signatures=alternatives, flat=flat,
                                uses_teacher=teacher))
     return name, planned
+
+
+def matchable(planned: list[Planned]):
+    """match()'s rule as a test of a run's tags: whether the run can be the point run of one of `planned` (a
+    report reads the params and metrics of those only: core/tracking/bulk.py runs(detail=))."""
+    pairs = {(sig, pl.eval_sig) for pl in planned for sig in (pl.signatures or (pl.signature,))}
+    legacy = {pl.legacy_sig for pl in planned}
+    t = tracking.TAG
+
+    def can(tags: dict) -> bool:
+        if tags.get(t + "pretrain_signature"):
+            return (tags[t + "pretrain_signature"], tags.get(t + "eval_signature")) in pairs
+        return tags.get(t + "signature") in legacy
+    return can
 
 
 def match(planned: list[Planned], runs: list) -> dict:

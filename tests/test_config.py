@@ -163,7 +163,7 @@ def test_a_plan_without_checks_learns_from_its_runs_which_points_use_a_teacher(c
     is then what the run it matched was signed with, the same as the method says."""
     from types import SimpleNamespace
 
-    from sweeps.plan import match, plan
+    from sweeps.plan import match, matchable, plan
     overrides = ["sweep=mcm_target", "preset=smoke"]
     checked = plan(compose(*overrides), overrides)[1]
     unchecked = plan(compose(*overrides), overrides, check=False)[1]
@@ -172,6 +172,10 @@ def test_a_plan_without_checks_learns_from_its_runs_which_points_use_a_teacher(c
     runs = [SimpleNamespace(data=SimpleNamespace(tags={"mimsweep.kind": "point", "mimsweep.pretrain_signature":
                                                        pl.signature, "mimsweep.eval_signature": pl.eval_sig}))
             for pl in checked]
+    can = matchable(unchecked)  # match()'s rule, as the report's read asks it of each run's tags
+    assert all(can(r.data.tags) for r in runs)
+    assert not can({**runs[0].data.tags, "mimsweep.eval_signature": "other"})
+    assert can({"mimsweep.signature": unchecked[1].legacy_sig}) and not can({"mimsweep.signature": "old"})
     found = match(unchecked, runs)
     assert len(found) == 4
     assert [pl.uses_teacher for pl in unchecked] == [False, False, True, True]

@@ -261,7 +261,7 @@ def test_interrupted_local_launch_marks_its_runs_killed(tmp_path, sig):
     by_kind = {}
     for r in runs:
         by_kind.setdefault(r.data.tags["mimsweep.kind"], []).append(r)
-    from core.training.data import cpu_count
+    from core.config import cpu_count
     # cluster.workers=auto: both points run at once on 2 CPUs; a point that had not started has no run
     assert len(by_kind["launch"]) == 1 and len(by_kind["point"]) == min(2, cpu_count())
     assert {r.info.status for r in runs} == {"KILLED"}, [(r.data.tags["mimsweep.kind"], r.info.status) for r in runs]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from core.config import check, check_in, check_number, check_pair, cpu_count  # noqa: F401 - read here too
+from core.config import check, check_in, check_number, check_pair, cpu_count
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "assets" / "fashion_mnist_subset.npz"
 
