@@ -378,4 +378,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from core.entry import run
+    run(main)

@@ -220,4 +220,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from core.entry import run
+    run(main, sys.argv[1:])

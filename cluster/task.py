@@ -91,4 +91,5 @@ def attach_output(c, run_id: str, log_dir: Path, job: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from core.entry import run
+    run(main, sys.argv[1])

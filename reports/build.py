@@ -235,9 +235,13 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from core.entry import finish, run
     if "--site" in sys.argv[1:] or sys.argv[1:2] == ["site"]:  # the site over every sweep of a store
         from reports import site
-        sys.exit(site.main([a for a in sys.argv[1:] if a not in ("--site", "site")]))
+        run(site.main, [a for a in sys.argv[1:] if a not in ("--site", "site")])
     sys.argv.insert(1, SEARCHPATH)
-    main()
-    sys.exit(EXIT["code"])
+    try:
+        main()
+    except SystemExit as e:  # Hydra's own errors
+        finish(e.code)
+    finish(EXIT["code"])

@@ -51,12 +51,16 @@ if __name__ == "__main__":
     first = next((i for i, a in enumerate(sys.argv[1:], 1) if "=" in a and not a.startswith("-")), len(sys.argv))
     sys.argv.insert(first, SEARCHPATH)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its own errors (a typo, a bad group option) ...
+    from core.entry import finish
     try:
         main()
+    except SystemExit as e:
+        finish(e.code)
     except Exception as e:  # ... and they are printed in our style: one line, exit 2, no traceback
         from core.config import hydra_error
         msg = hydra_error(e, user_args)
         if msg is None:
             raise
         print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        finish(2)
+    finish(0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,11 +119,91 @@ def compose():
 
 
 def run_cli(*args: str, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """Run a repo script the way a user does: `python sweeps/run.py ...`."""
+    """Run a repo script the way a user does: `python sweeps/run.py ...`. A script is forked from this worker's
+    pre-imported Python (tests/zygote.py: the same process a fresh interpreter would be, without re-importing
+    torch, timm and MLflow each time); `MIMSWEEP_TEST_ZYGOTE=0` runs each as a fresh interpreter."""
     full_env = {**os.environ, "MIMSWEEP_PROGRESS": "0", **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None) if env is None or "MLFLOW_TRACKING_URI" not in env else None
+    zygote = _zygote(args, full_env)
+    if zygote is not None:
+        return zygote.run(list(args), cwd=cwd, env=full_env, timeout=timeout)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# Variables a library reads when it is imported: a run whose environment differs from the zygote's in one of
+# these gets a fresh interpreter.
+_FRESH_ONLY = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS", "TORCH", "CUDA", "LD_", "MLFLOW_DISABLE_TELEMETRY",
+               "MLFLOW_LOGGING", "MLFLOW_CONFIGURE_LOGGING", "HYDRA", "TIMM", "HF_", "XDG_CACHE_HOME")
+_ZYGOTE: list = []
+
+
+def _zygote(args, env: dict):
+    """This worker's zygote if it can run `python *args` under `env`, else None."""
+    if os.environ.get("MIMSWEEP_TEST_ZYGOTE", "1") == "0" or not args or not str(args[0]).endswith(".py"):
+        return None
+    if not _ZYGOTE:
+        _ZYGOTE.append(_Zygote())
+    zygote = _ZYGOTE[0]
+    changed = {k for k in env.keys() | zygote.env.keys() if env.get(k) != zygote.env.get(k)}
+    return None if any(k.startswith(_FRESH_ONLY) for k in changed) else zygote
+
+
+def _reply(conn) -> str:
+    """One line from tests/zygote.py, read a byte at a time (a timeout may interrupt it; nothing is lost)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte:
+            raise RuntimeError("tests/zygote.py went away during a run")
+        line += byte
+    return line.decode()
+
+
+class _Zygote:
+    """The client of tests/zygote.py: one server per pytest worker, started on first use, gone with it."""
+
+    def __init__(self):
+        import atexit
+        self.env = dict(os.environ)
+        self.path = os.path.join(tempfile.mkdtemp(prefix="mimsweep-zygote-"), "socket")
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py"), self.path], cwd=REPO,
+                                     env=self.env, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"tests/zygote.py did not start (exit {self.proc.wait()})")
+        atexit.register(self.close)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+    def run(self, argv: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import json
+        import signal
+        import socket
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.path)
+            request = json.dumps({"argv": argv, "cwd": str(cwd), "env": env}).encode() + b"\n"
+            socket.send_fds(conn, [request], [out.fileno(), err.fileno()])
+            first = _reply(conn).split()
+            if first[:1] != ["pid"]:
+                raise RuntimeError(f"tests/zygote.py refused the run: {' '.join(first)}")
+            pid = int(first[1])
+            conn.settimeout(timeout)
+            try:
+                last = _reply(conn)
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                conn.settimeout(None)
+                _reply(conn)
+                out.seek(0), err.seek(0)
+                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read(), err.read())
+            code = int(last.split()[1])
+            out.seek(0), err.seek(0)
+            return subprocess.CompletedProcess([sys.executable, *argv], code,
+                                               out.read().decode(errors="replace"), err.read().decode(errors="replace"))
 
 
 def queued_jobs(under) -> set:

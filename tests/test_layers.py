@@ -17,7 +17,7 @@ from tests.conftest import REPO
 
 ROOTS = ("core", "sweeps", "cluster", "reports", "bench")
 LAYERS = [                                                   # bottom first
-    ["core.config", "core.faults", "core.net"],              # config plumbing, kill points, a network probe
+    ["core.config", "core.entry", "core.faults", "core.net"],  # config plumbing, how a process ends, kill points, a network probe
     ["core.vit"],                                            # the ViT on timm blocks
     ["core.figures"],                                        # attention pictures of a ViT
     ["core.targets", "core.tracking"],                       # what methods regress | what MLflow keeps

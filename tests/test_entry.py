@@ -1,0 +1,142 @@
+"""How a process ends (core/entry.py), and the tests' pre-imported Python (tests/zygote.py) against a fresh one.
+
+`finish` skips only the module teardown: whatever else Python's exit does that can be seen (threads joined,
+atexit handlers, buffered output flushed, the status) must still happen. The zygote must give a script what
+a fresh interpreter gives it (argv, cwd, environment, sys.path[0], __main__) and end it the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import REPO, _Zygote, run_cli
+
+ENDING = textwrap.dedent("""
+    import atexit, os, sys, threading, time
+    sys.path.insert(0, {repo!r})
+    from core.entry import finish, run
+    out = open(sys.argv[1], "w")             # block-buffered, never closed: teardown would flush it, finish must not lose it
+    out.write("buffered\\n")
+    atexit.register(lambda: open(sys.argv[1] + ".atexit", "w").write("ran"))
+    def late():
+        time.sleep(0.3)
+        open(sys.argv[1] + ".thread", "w").write("joined")
+    threading.Thread(target=late).start()    # not a daemon: the exit waits for it
+    print("to stdout", end="")                # no newline, stdout to a pipe: still in the buffer
+    out.flush()
+    mode = sys.argv[2]
+    if mode == "code":
+        finish(3)
+    if mode == "message":
+        finish("a message")
+    if mode == "none":
+        finish(None)
+    if mode == "systemexit":
+        run(lambda: sys.exit(4))
+    run(lambda: 5)
+""")
+
+
+@pytest.mark.parametrize("mode,code,stderr", [("code", 3, ""), ("message", 1, "a message\n"), ("none", 0, ""),
+                                             ("systemexit", 4, ""), ("returned", 5, "")])
+def test_finish_ends_as_python_does_less_the_teardown(tmp_path, mode, code, stderr):
+    script = tmp_path / "end.py"
+    script.write_text(ENDING.format(repo=str(REPO)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: block-buffered
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), mode], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert (res.returncode, res.stdout, res.stderr) == (code, "to stdout", stderr)
+    assert (tmp_path / "out").read_text() == "buffered\n"
+    assert (tmp_path / "out.atexit").read_text() == "ran"
+    assert (tmp_path / "out.thread").read_text() == "joined"
+
+
+PROBE = textwrap.dedent("""
+    import json, os, sys
+    print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "name": __name__,
+                      "file": __file__, "probe": os.environ.get("PROBE"),
+                      "pid_is_new": os.getpid() != int(os.environ["PARENT_PID"])}))
+    print("to stderr", file=sys.stderr)
+    what = sys.argv[1]
+    if what == "exit":
+        sys.exit(7)
+    if what == "raise":
+        raise ValueError("boom")
+    if what == "interrupt":
+        raise KeyboardInterrupt
+""")
+
+
+@pytest.mark.parametrize("what,code", [("ok", 0), ("exit", 7), ("raise", 1), ("interrupt", -2)])
+def test_a_script_forked_from_the_zygote_sees_and_ends_as_in_a_fresh_python(tmp_path, what, code):
+    (tmp_path / "sub").mkdir()
+    script = tmp_path / "sub" / "probe.py"
+    script.write_text(PROBE)
+    env = {**os.environ, "PROBE": "x y", "PARENT_PID": str(os.getpid())}
+    fresh = subprocess.run([sys.executable, str(script), what, "a b"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=60)
+    zygote = _Zygote()
+    try:
+        forked = zygote.run([str(script), what, "a b"], cwd=tmp_path, env=env, timeout=60)
+    finally:
+        zygote.close()
+    assert fresh.returncode == forked.returncode == code
+    assert json.loads(forked.stdout) == json.loads(fresh.stdout) == {
+        "argv": [str(script), what, "a b"], "cwd": str(tmp_path), "path0": str(tmp_path / "sub"), "name": "__main__",
+        "file": str(script), "probe": "x y", "pid_is_new": True}
+    assert forked.stderr.splitlines()[0] == fresh.stderr.splitlines()[0] == "to stderr"
+    if what in ("raise", "interrupt"):
+        assert forked.stderr.splitlines()[-1] == fresh.stderr.splitlines()[-1]
+        assert "Traceback (most recent call last):" in forked.stderr
+
+
+def test_a_run_past_its_timeout_is_killed(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    zygote = _Zygote()
+    try:
+        with pytest.raises(subprocess.TimeoutExpired) as e:
+            zygote.run([str(script)], cwd=tmp_path, env={}, timeout=2)
+        assert e.value.output == b"started\n"
+        missing = [str(tmp_path / "missing.py")]
+        fresh = subprocess.run([sys.executable, *missing], capture_output=True, text=True, timeout=60)
+        forked = zygote.run(missing, cwd=tmp_path, env={}, timeout=30)
+        assert (forked.returncode, forked.stderr) == (fresh.returncode, fresh.stderr) == (2, fresh.stderr)
+    finally:
+        zygote.close()
+
+
+def test_run_cli_takes_a_fresh_python_where_an_import_time_variable_differs(monkeypatch):
+    """The zygote imported torch under its own OMP_NUM_THREADS: a run asking for another gets a fresh interpreter."""
+    monkeypatch.delenv("MIMSWEEP_TEST_ZYGOTE", raising=False)
+    probe = ["-c", "print('x')"]
+    assert run_cli(*probe).stdout == "x\n"
+    from tests import conftest
+    zygote_env = {"OMP_NUM_THREADS": "1", "A": "1"}
+    monkeypatch.setattr(conftest, "_ZYGOTE", [type("Z", (), {"env": zygote_env})()])
+    assert conftest._zygote(["s.py"], {"OMP_NUM_THREADS": "1", "A": "2"}) is conftest._ZYGOTE[0]
+    assert conftest._zygote(["s.py"], {"OMP_NUM_THREADS": "2", "A": "1"}) is None
+    assert conftest._zygote(["s.py"], {"A": "1"}) is None
+    assert conftest._zygote(["-c", "pass"], dict(zygote_env)) is None
+
+
+def test_finish_stops_a_thread_pool_as_python_does(tmp_path):
+    """concurrent.futures' idle workers wait for work until threading's exit hook tells them to stop (MLflow
+    downloads artifacts through such a pool): joining the threads without that hook waits forever."""
+    script = tmp_path / "pool.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from concurrent.futures import ThreadPoolExecutor
+        from core.entry import finish
+        pool = ThreadPoolExecutor(2)
+        print(sum(pool.map(abs, [-1, -2, -3])))
+        finish(0)
+    """))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stdout) == (0, "6\n"), res.stderr
