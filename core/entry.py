@@ -4,9 +4,10 @@ A process that has imported torch, timm and MLflow spends 1-1.5 CPU-seconds afte
 those modules down (measured on a 2-core machine at ~350 GFLOP/s: `import torch, timm, mlflow` then exit,
 4.9 s against 3.4 s with the teardown skipped; torch alone 1.7 against 1.2 s), and nobody sees its result.
 Every launch, status table, report and SLURM task paid it. `finish(code)` does what Python's exit does that
-can be seen: it stops and waits for the non-daemon threads (threading's shutdown), runs the atexit handlers (MLflow's run and logging queues,
-logging's flush, multiprocessing's and tempfile's clean-up), flushes standard output and error, then ends
-the process with `os._exit`, as multiprocessing's own children end. tests/test_entry.py checks each of those.
+can be seen: it stops and waits for the non-daemon threads (threading's shutdown), runs the atexit handlers
+(MLflow's run and logging queues, logging's flush, multiprocessing's and tempfile's clean-up), flushes standard
+output and error, then ends the process with `os._exit`, as multiprocessing's own children end.
+tests/test_entry.py checks each of those.
 """
 from __future__ import annotations
 

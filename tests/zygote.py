@@ -4,8 +4,8 @@
 anything; the suite runs ~170 of them, on 2 cores. Each pytest worker starts one of these servers
 (tests/conftest.py `run_cli`); a run is then a fork of it that does what `python script args` does:
 its own process and pid, the test's argv, working directory, environment and output files, `sys.path[0]`
-the script's folder, the script run as `__main__`, and the interpreter's normal exit (atexit handlers,
-flushed output, the exit status of `sys.exit` or 1 with the traceback of an uncaught exception).
+the script's folder, the script run as `__main__`, and the end our entry points have (core/entry.py: threads
+stopped, atexit handlers, flushed output; the status of `sys.exit`, or 1 with an uncaught exception's traceback).
 
 What differs from a fresh interpreter, and how the suite keeps it from mattering:
 - the third-party libraries below are already imported, under the environment the server started with.
@@ -58,7 +58,8 @@ def _threads() -> int:
 
 
 def _entry():
-    """core/entry.py, loaded by its path: the run's sys.path stays the script's own."""
+    """core/entry.py (standard library only, no state), loaded once by its path: a run's sys.path stays the
+    script's own."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("_zygote_entry", os.path.join(REPO, "core", "entry.py"))
     module = importlib.util.module_from_spec(spec)
@@ -66,7 +67,7 @@ def _entry():
     return module
 
 
-def _run(request: dict, out: int, err: int) -> None:
+def _run(request: dict, out: int, err: int, finish) -> None:
     """In the forked child: become `python argv...`. It ends as our entry points end (core/entry.py: Python's
     exit less the module teardown, which the forked copy of the server's modules would take ~1.5 s for); an
     uncaught exception prints its traceback and ends with 1 (KeyboardInterrupt: by SIGINT), as Python does."""
@@ -84,7 +85,6 @@ def _run(request: dict, out: int, err: int) -> None:
     script, *args = request["argv"]
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
-    finish = _entry().finish
     if not os.path.isfile(script):
         print(f"{sys.executable}: can't open file {os.path.abspath(script)!r}: [Errno 2] No such file or directory",
               file=sys.stderr)
@@ -115,6 +115,7 @@ def serve(path: str) -> None:
     # fresh interpreter (and in the local workers' fork server, which forks points after the same imports);
     # anything beyond those, or any Python thread, and the server refuses to fork.
     native = _threads()
+    finish = _entry().finish
     print("ready", flush=True)
     running: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
     while True:
@@ -142,7 +143,7 @@ def serve(path: str) -> None:
                     for pidfd, (_, other) in running.items():
                         os.close(pidfd)
                         other.close()
-                    _run(request, out, err)  # never returns
+                    _run(request, out, err, finish)  # never returns
                 os.close(out)
                 os.close(err)
                 running[os.pidfd_open(pid)] = (pid, conn)
@@ -151,7 +152,7 @@ def serve(path: str) -> None:
                 pid, conn = running.pop(fd)
                 os.close(fd)
                 _, status = os.waitpid(pid, 0)
-                code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                code = os.waitstatus_to_exitcode(status)
                 try:
                     conn.sendall(f"exit {code}\n".encode())
                 except OSError:
