@@ -59,9 +59,11 @@ def cache_file() -> Path:
 # What a local worker imports before its first point, ~4 CPU-seconds (cluster/local.py preloads them in the fork
 # server its workers are forked from; a timing process imports the same, and that is the start-up it times):
 # torch, timm and torchvision, MLflow's store, the job's modules, hydra (each worker imports the launch's main
-# module, sweeps/run.py, again) and what reads the points it is sent.
+# module, sweeps/run.py, again), what reads the points it is sent, and matplotlib's figure (each point ends by
+# drawing its figures: ~0.9 CPU-seconds to import in each worker otherwise).
 WORKER_IMPORTS = ["torch", "timm", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "core.job",
-                  "core.training.loop", "core.evaluation.evaluate", "core.targets.teachers", "hydra", "sweeps.plan"]
+                  "core.training.loop", "core.evaluation.evaluate", "core.targets.teachers", "hydra", "sweeps.plan",
+                  "matplotlib.figure", "matplotlib.backends.backend_agg"]
 TIMED = 2  # how timings are taken: a cached timing taken another way is timed again (2: start-up alone, first_s)
 
 

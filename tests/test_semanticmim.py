@@ -481,3 +481,40 @@ def test_artifacts_draw_each_proxys_attention_as_a_png():
     files = m.artifacts(x, x)
     assert files["proxy_attention.png"][:8] == b"\x89PNG\r\n\x1a\n"
     assert "proxy_attention.png" not in model(num_proxies=0).artifacts(x, x)
+
+
+def test_the_proxy_attention_picture_shows_each_map_on_its_patches_and_the_mean_below():
+    """figures.attention_mosaic, what proxy_attention.png draws: image b's row holds the image, then each
+    query's map (one block of pixels per patch, scaled to its own range); the last row the mean over images."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    from core.figures import attention_mosaic
+    B, Q, g, side, gap = 2, 2, 7, 28, 2
+    imgs = torch.rand(B, 1, side, side)
+    maps = torch.zeros(B, Q, g, g)
+    for q in range(Q):                 # query q: image 0 attends to patches a and b, image 1 to a only
+        a, b = (q, 2 * q), (q + 3, 2 * q)
+        maps[0, q][a] = maps[0, q][b] = maps[1, q][a] = 0.5
+    out = attention_mosaic(imgs, maps, gap=gap)
+    assert out.shape == ((B + 1) * (side + gap) - gap, (Q + 1) * (side + gap) - gap, 3)
+    p = side // g                                                          # pixels per patch
+
+    def tile(r, c):
+        y, x = r * (side + gap), c * (side + gap)
+        return out[y:y + side, x:x + side]
+
+    def expect(levels: dict):          # {patch: level in [0, 1]}, the rest at the bottom of the colour map
+        want = np.tile(np.array(colormaps["viridis"](0.0)[:3]), (side, side, 1))
+        for (i, j), level in levels.items():
+            want[i * p:(i + 1) * p, j * p:(j + 1) * p] = colormaps["viridis"](level)[:3]
+        return want
+
+    for q in range(Q):
+        a, b = (q, 2 * q), (q + 3, 2 * q)
+        np.testing.assert_allclose(tile(0, q + 1), expect({a: 1.0, b: 1.0}), atol=1e-6)
+        np.testing.assert_allclose(tile(1, q + 1), expect({a: 1.0}), atol=1e-6)
+        np.testing.assert_allclose(tile(B, q + 1), expect({a: 1.0, b: 0.5}), atol=1e-6)   # the mean, rescaled
+    for i in range(B):
+        np.testing.assert_allclose(tile(i, 0), imgs[i, 0, :, :, None].expand(-1, -1, 3).numpy(), atol=1e-6)
+    assert (tile(B, 0) == 1).all() and (out[side:side + gap] == 1).all()   # blank corner, white gaps
