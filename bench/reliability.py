@@ -30,6 +30,9 @@ TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=
 # 120 optimiser steps of a micro ViT (~10 s), a checkpoint every 5, a metric row every step.
 POINT = [*TINY, "pretrain.epochs=20", "pretrain.max_steps=120", "pretrain.checkpoint_every=5", "pretrain.log_every=1",
          "data.train_limit=512", "data.test_limit=64", "evaluate.linear.epochs=1", "method.target=norm_pixel"]
+# How a launch process is started: subprocess.Popen here; the tests fork theirs from a Python that has imported
+# torch, timm and MLflow already (tests/conftest.py popen), which takes the same arguments.
+SPAWN = subprocess.Popen
 KEYS = ("train_loss", "lr", "progress")  # throughput is wall-clock: it differs between any two runs
 
 
@@ -50,9 +53,8 @@ def launch(out: Path, *extra: str, env: dict | None = None, uri: str | None = No
     given = {e.split("=", 1)[0] for e in extra}       # an extra replaces POINT's value: each key once
     args = [*(a for a in POINT if a.split("=", 1)[0] not in given), f"output_root={out}",
             *([f"tracking.uri={uri}"] if uri else []), *extra]
-    return subprocess.Popen([sys.executable, "sweeps/run.py", *args], cwd=REPO, env=env or _env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=default_sigint)
+    return SPAWN([sys.executable, "sweeps/run.py", *args], cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
+                 stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=default_sigint)
 
 
 def finish(out: Path, *extra: str, uri: str | None = None, tries: int = 3) -> str:

@@ -75,7 +75,7 @@ def _alone_or_shared(item):
 @contextlib.contextmanager
 def _timed(item):
     """MIMSWEEP_TEST_TIMES=file: one JSON line per test (wall and CPU seconds, the CPU of the subprocesses it
-    waited for included, its worker), to find what makes the suite long on a 2-core machine."""
+    waited for included, the runs tests/zygote.py forked for it too, its worker), to find what makes the suite long on a 2-core machine."""
     path = os.environ.get("MIMSWEEP_TEST_TIMES")
     if not path:
         yield
@@ -86,7 +86,7 @@ def _timed(item):
 
     def cpu():
         own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+        return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime + _ZYGOTE_CPU[0]
 
     t0, (c0, k0) = time.time(), cpu()
     yield
@@ -132,10 +132,11 @@ def run_cli(*args: str, cwd=REPO, env=None, timeout=600) -> subprocess.Completed
 
 
 # Variables a library reads when it is imported: a run whose environment differs from the zygote's in one of
-# these gets a fresh interpreter.
+# these gets a fresh interpreter (PYTHONPATH excepted: the zygote builds the run's sys.path from it).
 _FRESH_ONLY = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS", "TORCH", "CUDA", "LD_", "MLFLOW_DISABLE_TELEMETRY",
                "MLFLOW_LOGGING", "MLFLOW_CONFIGURE_LOGGING", "HYDRA", "TIMM", "HF_", "XDG_CACHE_HOME")
 _ZYGOTE: list = []
+_ZYGOTE_CPU = [0.0]  # CPU seconds of the runs forked for this worker so far (for MIMSWEEP_TEST_TIMES)
 
 
 def _zygote(args, env: dict):
@@ -146,7 +147,7 @@ def _zygote(args, env: dict):
         _ZYGOTE.append(_Zygote())
     zygote = _ZYGOTE[0]
     changed = {k for k in env.keys() | zygote.env.keys() if env.get(k) != zygote.env.get(k)}
-    return None if any(k.startswith(_FRESH_ONLY) for k in changed) else zygote
+    return None if any(k.startswith(_FRESH_ONLY) and k != "PYTHONPATH" for k in changed) else zygote
 
 
 def _reply(conn) -> str:
@@ -178,32 +179,147 @@ class _Zygote:
         self.proc.wait()
         shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
-    def run(self, argv: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    def start(self, argv: list[str], cwd, env: dict, out: int, err: int, **how) -> tuple:
+        """Fork `python *argv` with `out` and `err` as its stdout and stderr -> (connection, pid); `how`:
+        new_session, default_sigint (tests/zygote.py)."""
         import json
-        import signal
         import socket
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             conn.connect(self.path)
-            request = json.dumps({"argv": argv, "cwd": str(cwd), "env": env}).encode() + b"\n"
-            socket.send_fds(conn, [request], [out.fileno(), err.fileno()])
+            request = json.dumps({"argv": argv, "cwd": str(cwd), "env": env, **how}).encode() + b"\n"
+            socket.send_fds(conn, [request], [out, err])
             first = _reply(conn).split()
-            if first[:1] != ["pid"]:
-                raise RuntimeError(f"tests/zygote.py refused the run: {' '.join(first)}")
-            pid = int(first[1])
-            conn.settimeout(timeout)
-            try:
-                last = _reply(conn)
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                conn.settimeout(None)
-                _reply(conn)
-                out.seek(0), err.seek(0)
-                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read(), err.read())
-            code = int(last.split()[1])
+        except BaseException:
+            conn.close()
+            raise
+        if first[:1] != ["pid"]:
+            conn.close()
+            raise RuntimeError(f"tests/zygote.py refused the run: {' '.join(first)}")
+        return conn, int(first[1])
+
+    def run(self, argv: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import signal
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            conn, pid = self.start(argv, cwd, env, out.fileno(), err.fileno())
+            with conn:
+                conn.settimeout(timeout)
+                try:
+                    code = _ended(_reply(conn))
+                except TimeoutError:
+                    os.kill(pid, signal.SIGKILL)
+                    conn.settimeout(None)
+                    _ended(_reply(conn))
+                    out.seek(0), err.seek(0)
+                    raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read(), err.read())
             out.seek(0), err.seek(0)
             return subprocess.CompletedProcess([sys.executable, *argv], code,
                                                out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+
+def _ended(line: str) -> int:
+    """A run's exit code from the zygote's last line ("exit CODE CPU"); its CPU counts for MIMSWEEP_TEST_TIMES."""
+    _, code, cpu = line.split()
+    _ZYGOTE_CPU[0] += float(cpu)
+    return int(code)
+
+
+def popen(args: list[str], *, cwd=REPO, env=None, stdout=None, stderr=None, text=False, start_new_session=False,
+          preexec_fn=None):
+    """subprocess.Popen(args, ...) for `[sys.executable, "script.py", ...]`, forked from this worker's zygote
+    when `run_cli` would fork it (and `preexec_fn` is none or bench.reliability.default_sigint): a process of
+    its own, with its pid, process group or session, pipes, signals and exit status, without importing torch,
+    timm and MLflow again. Anything else is a subprocess.Popen."""
+    from bench.reliability import default_sigint
+    env = dict(os.environ if env is None else env)
+    script = list(args[1:2]) if len(args) > 1 and args[0] == sys.executable else []
+    zygote = _zygote(script, env) if script and preexec_fn in (None, default_sigint) else None
+    if zygote is None:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text,
+                                start_new_session=start_new_session, preexec_fn=preexec_fn)
+    return _Forked(zygote, list(args[1:]), cwd, env, stdout, stderr, text, new_session=start_new_session,
+                   default_sigint=preexec_fn is default_sigint)
+
+
+class _Forked:
+    """What subprocess.Popen gives for a run the zygote forked: pid, stdout / stderr (PIPE, STDOUT, None, a
+    file), poll, wait, communicate (with timeouts), send_signal / terminate / kill, returncode. stdin is
+    /dev/null. The run is the zygote's child, not ours: its status comes over the zygote's connection."""
+
+    def __init__(self, zygote, argv, cwd, env, stdout, stderr, text, **how):
+        self.args, self.returncode, self._text = [sys.executable, *argv], None, text
+        out_r, out_w = self._target(stdout, 1)
+        err_r, err_w = (None, os.dup(out_w)) if stderr == subprocess.STDOUT else self._target(stderr, 2)
+        try:
+            self._conn, self.pid = zygote.start(argv, cwd, env, out_w, err_w, **how)
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        self.stdout = open(out_r, "r" if text else "rb") if out_r is not None else None
+        self.stderr = open(err_r, "r" if text else "rb") if err_r is not None else None
+        self._read: dict = {}
+
+    @staticmethod
+    def _target(spec, ours: int) -> tuple:
+        """-> (the end we read or None, an fd for the run)."""
+        if spec == subprocess.PIPE:
+            return os.pipe()
+        if spec == subprocess.DEVNULL:
+            return None, os.open(os.devnull, os.O_WRONLY)
+        return None, os.dup(ours if spec is None else spec if isinstance(spec, int) else spec.fileno())
+
+    def poll(self):
+        import select
+        if self.returncode is None and select.select([self._conn], [], [], 0)[0]:
+            self.wait()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        import select
+        if self.returncode is None:
+            if not select.select([self._conn], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = _ended(_reply(self._conn))  # the line comes whole once it has begun
+            self._conn.close()
+        return self.returncode
+
+    def communicate(self, input=None, timeout=None):
+        """Read stdout and stderr to their end, then wait; a timeout leaves what was read for the next call."""
+        import selectors
+        import time
+        assert input is None, "stdin is /dev/null"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            for f in (self.stdout, self.stderr):
+                if f is not None and not f.closed:
+                    self._read.setdefault(f, [])
+                    sel.register(f.fileno(), selectors.EVENT_READ, f)
+            while sel.get_map():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(self.args, timeout)
+                for key, _ in sel.select(left):
+                    chunk = os.read(key.fd, 1 << 16)
+                    if chunk:
+                        self._read[key.data].append(chunk)
+                    else:
+                        sel.unregister(key.fd)
+                        key.data.close()
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        got = [b"".join(self._read[f]) if f in self._read else None for f in (self.stdout, self.stderr)]
+        return tuple(g.decode(errors="replace") if g is not None and self._text else g for g in got)
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self):
+        import signal
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        import signal
+        self.send_signal(signal.SIGKILL)
 
 
 def queued_jobs(under) -> set:
@@ -232,8 +348,13 @@ def replacing(base: list[str], *overrides: str) -> list[str]:
 
 # The smallest real configuration: the embedded data, vit_micro, a handful of steps. No time estimate: timing a
 # new shape starts two more processes (~15 CPU-seconds), and the tests of the estimate ask for it (estimate=auto).
+# Points one after another in the launch's process (cluster.workers=1): parallel workers start a fork server
+# that imports torch, timm and MLflow again (~3 CPU-seconds a launch, more than points of a few steps take);
+# the tests of parallel workers ask for them (cluster.workers=2).
 TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "evaluate.floor=false",
-        "estimate=false"]
+        "estimate=false", "cluster.workers=1"]
+# TINY for cluster=slurm, which has no cluster.workers (each point is a task of the array)
+TINY_SLURM = [o for o in TINY if not o.startswith("cluster.")]
 
 
 def _need(tool_ok: bool, what: str, how: str):

@@ -140,3 +140,54 @@ def test_finish_stops_a_thread_pool_as_python_does(tmp_path):
     """))
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert (res.returncode, res.stdout) == (0, "6\n"), res.stderr
+
+
+WAITER = textwrap.dedent("""
+    import json, os, signal, sys, time
+    print(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0), "path1": sys.path[1],
+                      "ctrl_c": signal.getsignal(signal.SIGINT) is signal.default_int_handler}), flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("sig,code,traceback", [("SIGTERM", -15, False), ("SIGINT", -2, True)])
+def test_popen_forks_a_process_that_is_signalled_and_ends_as_a_fresh_one(tmp_path, monkeypatch, sig, code, traceback):
+    """tests/conftest.py popen (the launches a test signals, kills or watches): the forked run is the process
+    at p.pid, in a session of its own, with Ctrl-C restored, its PYTHONPATH on sys.path, its output on the pipe,
+    and it ends by a signal as a fresh interpreter does."""
+    import signal
+
+    from bench.reliability import default_sigint
+    from tests import conftest
+    monkeypatch.delenv("MIMSWEEP_TEST_ZYGOTE", raising=False)
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "extra")}
+    ends = {}
+    for how, start in (("fresh", subprocess.Popen), ("forked", conftest.popen)):
+        p = start([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                  stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=default_sigint)
+        assert isinstance(p, conftest._Forked) == (how == "forked")
+        seen = json.loads(p.stdout.readline())
+        assert seen == {"pid": p.pid, "pgid": p.pid, "sid": p.pid, "path1": str(tmp_path / "extra"), "ctrl_c": True}
+        assert p.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(timeout=0.2)
+        os.killpg(p.pid, getattr(signal, sig))      # its own group, as the tests' launches are signalled
+        rest, _ = p.communicate(timeout=30)
+        ends[how] = (p.returncode, "KeyboardInterrupt" in rest)
+    assert ends["forked"] == ends["fresh"] == (code, traceback)
+
+
+def test_popen_communicate_times_out_keeps_what_it_read_and_separates_the_streams(tmp_path, monkeypatch):
+    from tests import conftest
+    monkeypatch.delenv("MIMSWEEP_TEST_ZYGOTE", raising=False)
+    script = tmp_path / "talk.py"
+    script.write_text("import sys, time\nprint('out 1', flush=True)\nprint('err 1', file=sys.stderr, flush=True)\n"
+                      "time.sleep(1.5)\nprint('out 2')\nsys.exit(3)\n")
+    p = conftest.popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert isinstance(p, conftest._Forked)
+    with pytest.raises(subprocess.TimeoutExpired):
+        p.communicate(timeout=0.5)
+    assert p.communicate(timeout=30) == (b"out 1\nout 2\n", b"err 1\n") and p.returncode == 3

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TINY, replacing, run_cli
+from tests.conftest import TINY, popen, replacing, run_cli
 
 
 def _refused(res, key: str, *words: str) -> None:
@@ -231,9 +231,10 @@ def test_interrupted_local_launch_marks_its_runs_killed(tmp_path, sig):
     from tests.conftest import REPO
     env = {**os.environ, "MIMSWEEP_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([sys.executable, "sweeps/run.py", "sweep=mcm_recon_range", *TINY, "pretrain.epochs=100",
-                             "pretrain.max_steps=5000", f"output_root={tmp_path}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    proc = popen([sys.executable, "sweeps/run.py", "sweep=mcm_recon_range",
+                  *replacing(TINY, "cluster.workers=auto"), "pretrain.epochs=100",
+                  "pretrain.max_steps=5000", f"output_root={tmp_path}"], cwd=REPO, env=env,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         for line in proc.stdout:                                  # the first point has started
             if line.startswith("[1/2]"):

@@ -14,7 +14,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, popen
 
 LAUNCHES = 8
 pytestmark = pytest.mark.xdist_group("timing")  # its launches one after another, on one worker
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.xdist_group("timing")  # its launches one after another
 def _launch_all(tmp_path, extra: list[str]) -> list[subprocess.CompletedProcess]:
     env = {**os.environ, "MIMSWEEP_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    procs = [subprocess.Popen([sys.executable, "sweeps/run.py", "sweep=mcm_recon_range", *TINY, "task=flops",
-                               "cluster.workers=1", f"tracking.experiment=launch{i}", f"output_root={tmp_path}", *extra],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [popen([sys.executable, "sweeps/run.py", "sweep=mcm_recon_range", *TINY, "task=flops",
+                    f"tracking.experiment=launch{i}", f"output_root={tmp_path}", *extra],
+                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(LAUNCHES)]
     t0 = time.perf_counter()
     out = []
@@ -64,9 +64,9 @@ def test_simultaneous_launches_against_a_server(tmp_path, mlflow_server):
 def _one_launch(tmp_path, timeout=300) -> subprocess.Popen:
     env = {**os.environ, "MIMSWEEP_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "sweeps/run.py", "sweep=mcm_recon_range", *TINY, "task=flops",
-                             "cluster.workers=1", f"output_root={tmp_path}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return popen([sys.executable, "sweeps/run.py", "sweep=mcm_recon_range", *TINY, "task=flops",
+                  f"output_root={tmp_path}"], cwd=REPO, env=env,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_an_existing_store_is_opened_without_the_creation_lock(tmp_path):

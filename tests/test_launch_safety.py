@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, queued_jobs, replacing, run_cli
+from tests.conftest import TINY, TINY_SLURM, popen, queued_jobs, replacing, run_cli
 
 # reuse=experiment: the session's MLflow server is shared by many tests, and a launch would otherwise evaluate
 # another test's finished pre-training of the same config instead of training its own (core/tracking/identity.py).
@@ -67,7 +67,7 @@ def test_injection_through_every_key_is_refused_before_anything(compose, slurm_c
     from core.config import ConfigError
     marker = tmp_path / "INJECTED"
     exp = "inject_" + "".join(ch if ch.isalnum() else "_" for ch in key)
-    overrides = [*TINY, *SMALL, f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}",
+    overrides = [*TINY_SLURM, *SMALL, f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}",
                  f"output_root={tmp_path / 'out'}"]
     overrides += _injections(marker)[key]
     with pytest.raises(ConfigError) as err:
@@ -83,7 +83,7 @@ def test_injection_through_every_key_is_refused_before_anything(compose, slurm_c
 
 def test_injection_from_the_command_line_exits_2_without_traceback(slurm_cluster, mlflow_server, tmp_path):
     marker = tmp_path / "INJECTED"
-    res = run_cli("sweeps/run.py", *TINY, *SMALL, f"cluster.account='x{NL}touch {marker}'",
+    res = run_cli("sweeps/run.py", *TINY_SLURM, *SMALL, f"cluster.account='x{NL}touch {marker}'",
                   f"tracking.uri={mlflow_server}", "tracking.experiment=inject_cli", f"output_root={tmp_path / 'o'}")
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.startswith("error: cluster.account='x\\ntouch ") and "Traceback" not in res.stderr
@@ -124,7 +124,7 @@ def test_cluster_group_is_checked_before_anything_is_created(compose, tmp_path, 
     from core.config import ConfigError
     extra = ["cluster.separate_eval=true"] if key.startswith("cluster.eval") else []
     with pytest.raises(ConfigError) as err:
-        _launch_in_process(compose, [*TINY, *replacing(SMALL, *extra, override), f"output_root={tmp_path / 'out'}"])
+        _launch_in_process(compose, [*TINY_SLURM, *replacing(SMALL, *extra, override), f"output_root={tmp_path / 'out'}"])
     assert str(err.value).startswith(f"{key}="), str(err.value)
     assert not (tmp_path / "out").exists()                        # no store, no run, no folder
 
@@ -132,7 +132,7 @@ def test_cluster_group_is_checked_before_anything_is_created(compose, tmp_path, 
 def test_test_only_runs_before_any_run_exists(slurm_cluster, compose, tmp_path):
     from core.config import ConfigError
     with pytest.raises(ConfigError, match="the scheduler rejects this resource request") as err:
-        _launch_in_process(compose, [*TINY, *SMALL, "cluster.constraint=nosuchfeature", f"output_root={tmp_path / 'out'}"])
+        _launch_in_process(compose, [*TINY_SLURM, *SMALL, "cluster.constraint=nosuchfeature", f"output_root={tmp_path / 'out'}"])
     assert "Invalid feature specification" in str(err.value)
     assert not (tmp_path / "out").exists() and not queued_jobs(tmp_path)
 
@@ -144,7 +144,7 @@ def test_sbatch_failing_after_runs_were_created_marks_them_failed(slurm_cluster,
     (fake / "sbatch").write_text(f'#!/bin/bash\nif [[ $1 == --test-only ]]; then exec {real} "$@"; fi\n'
                                  'echo "sbatch: error: Batch job submission failed: (fake) queue closed" >&2\nexit 1\n')
     (fake / "sbatch").chmod(0o755)
-    res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, *SMALL, f"output_root={tmp_path / 'out'}",
+    res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY_SLURM, *SMALL, f"output_root={tmp_path / 'out'}",
                   env={"PATH": f"{fake}:{os.environ['PATH']}"})
     assert res.returncode == 1, res.stdout + res.stderr
     assert "error: the launch failed after creating its MLflow runs" in res.stderr and "queue closed" in res.stderr
@@ -196,7 +196,7 @@ def array_with_space_and_credentials(slurm_cluster, mlflow_server, tmp_path_fact
     # The job proves it got the password from its environment without printing it.
     check = (f'test "$(printf %s "$MLFLOW_TRACKING_PASSWORD" | sha256sum | cut -c1-64)" = {digest} '
              '|| { echo "mimsweep test: MLFLOW_TRACKING_PASSWORD missing in the job" >&2; exit 3; }')
-    args = ["sweeps/run.py", "sweep=mcm_recon_range", *TINY, *SMALL, f"cluster.setup=['{check}']",
+    args = ["sweeps/run.py", "sweep=mcm_recon_range", *TINY_SLURM, *SMALL, f"cluster.setup=['{check}']",
             f"tracking.uri={uri}", "tracking.experiment=safety_array", f"output_root={out}"]
     dry = run_cli(*args, "dry_run=true")
     launched = run_cli(*args)
@@ -264,10 +264,10 @@ def test_parallel_launches_on_a_fresh_sqlite_store(tmp_path):
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
     # four different points into one experiment: task=flops (no training) keeps the test on the launches
-    procs = [subprocess.Popen([sys.executable, "sweeps/run.py", *TINY, "task=flops", f"seed={i}",
-                               "tracking.experiment=parallel", f"output_root={out}"],
-                              cwd=env["PYTHONPATH"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(4)]
+    procs = [popen([sys.executable, "sweeps/run.py", *TINY, "task=flops", f"seed={i}",
+                    "tracking.experiment=parallel", f"output_root={out}"],
+                   cwd=env["PYTHONPATH"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                   text=True) for i in range(4)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n----\n".join(outs)
     db = out / "mlflow.db"
@@ -298,8 +298,8 @@ def test_experiment_creation_is_create_or_get(mlflow_server, monkeypatch):
 @pytest.mark.parametrize("backend", ["local", "slurm"])
 def test_dry_run_writes_nothing(tmp_path, backend):
     out = tmp_path / "dry out"
-    extra = SMALL if backend == "slurm" else []
-    res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, *extra, "dry_run=true", f"output_root={out}")
+    tiny = [*TINY_SLURM, *SMALL] if backend == "slurm" else TINY
+    res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *tiny, "dry_run=true", f"output_root={out}")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "dry run" in res.stdout
     assert not out.exists()                                        # no database, experiment or folder

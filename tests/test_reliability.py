@@ -22,6 +22,15 @@ from pathlib import Path
 import pytest
 
 from bench.reliability import _env, counts, finish, history, launch, point_run
+from tests.conftest import popen
+
+
+@pytest.fixture(autouse=True)
+def _forked_launches(monkeypatch):
+    """The launches below are forked from this worker's pre-imported Python (conftest popen): each a process
+    of its own that is killed, interrupted and relaunched as a fresh one would be, without ~5 s of imports."""
+    import bench.reliability
+    monkeypatch.setattr(bench.reliability, "SPAWN", popen)
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
@@ -64,8 +73,8 @@ def test_kill_between_checkpoint_rename_and_metric_flush_loses_nothing(tmp_path,
 def test_kill_9_at_a_random_moment(tmp_path, reference, trial):
     out = tmp_path / "out"
     p = launch(out)
-    # after start-up (imports, store, run creation: ~5-10 s), somewhere in or around pre-training
-    time.sleep(random.Random(trial).uniform(8.0, 20.0))
+    # after start-up (forked: no imports; store, run creation: ~1-3 s), somewhere in or around pre-training
+    time.sleep(random.Random(trial).uniform(3.0, 15.0))
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
     finish(out)

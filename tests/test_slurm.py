@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import FAILING_POINTS, TINY, queued_jobs, replacing, run_cli
+from tests.conftest import FAILING_POINTS, TINY, TINY_SLURM, queued_jobs, replacing, run_cli
 
 pytestmark = pytest.mark.slurm
 # 2 cores here: one CPU and a little memory per task lets two tasks run side by side.
@@ -37,7 +37,7 @@ def _wait_runs(uri, exp, n, statuses=("FINISHED", "FAILED"), timeout=600, releas
             return runs
         if release:
             _release_requeued()
-        time.sleep(3)
+        time.sleep(1)
     pytest.fail(f"runs of {exp} did not end in {timeout}s: {[(r.data.tags.get('mimsweep.label'), r.info.status) for r in _point_runs(uri, exp)]}")
 
 
@@ -56,7 +56,7 @@ def _queued_ids(stdout):
 
 
 def test_smoke_sweep_runs_as_one_array_then_relaunch_submits_nothing(slurm_cluster, mlflow_server, tmp_path):
-    args = ["sweeps/run.py", "sweep=mcm_mask_ratio", *TINY, *SMALL, f"tracking.uri={mlflow_server}",
+    args = ["sweeps/run.py", "sweep=mcm_mask_ratio", *TINY_SLURM, *SMALL, f"tracking.uri={mlflow_server}",
             "tracking.experiment=slurm_e2e", f"output_root={tmp_path}"]
     t0 = time.time()
     first = run_cli(*args)
@@ -89,7 +89,7 @@ def test_smoke_sweep_runs_as_one_array_then_relaunch_submits_nothing(slurm_clust
 
 
 def test_only_the_failed_point_is_resubmitted(slurm_cluster, mlflow_server, tmp_path):
-    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY, *SMALL,
+    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY_SLURM, *SMALL,
             f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_retry", f"output_root={tmp_path}"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
@@ -115,7 +115,7 @@ def _wait_progress(uri, exp, at_least, timeout=300):
 def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_server, tmp_path, interrupt):
     # 80 steps, interrupted after the first checkpoints: a job that has already ended when the interrupt
     # arrives would be rerun as a finished point (no restart to check), which a loaded machine made happen.
-    common = ["sweeps/run.py", *TINY, *SMALL, "pretrain.epochs=10", "pretrain.max_steps=80", "pretrain.log_every=2",
+    common = ["sweeps/run.py", *TINY_SLURM, *SMALL, "pretrain.epochs=10", "pretrain.max_steps=80", "pretrain.log_every=2",
               "pretrain.checkpoint_every=4", "method.target=norm_pixel", f"output_root={tmp_path}"]
     # The reference in a store of its own: in the same store the second launch would reuse its pre-training
     # (core/tracking/identity.py) instead of training the point it is to interrupt.
@@ -208,7 +208,7 @@ def test_grids_larger_than_max_array_size_are_split(compose, tmp_path):
 
 
 def test_status_tail_and_cancel(slurm_cluster, mlflow_server, tmp_path):
-    args = ["sweep=mcm_masking_strategy", *TINY, *SMALL, "pretrain.epochs=50", "pretrain.max_steps=400",
+    args = ["sweep=mcm_masking_strategy", *TINY_SLURM, *SMALL, "pretrain.epochs=50", "pretrain.max_steps=400",
             "pretrain.checkpoint_every=2", "pretrain.log_every=2", f"tracking.uri={mlflow_server}",
             "tracking.experiment=slurm_status", f"output_root={tmp_path}"]
     launched = run_cli("sweeps/run.py", *args)
@@ -239,7 +239,7 @@ def test_status_tail_and_cancel(slurm_cluster, mlflow_server, tmp_path):
 
 def test_separate_evaluation_runs_after_its_own_pretraining_and_never_waits_on_a_failed_one(
         slurm_cluster, mlflow_server, tmp_path):
-    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY, *SMALL,
+    args = ["sweeps/run.py", "sweep=mcm_recon_range", "~sweep.grid", FAILING_POINTS, *TINY_SLURM, *SMALL,
             "cluster.separate_eval=true", "cluster.eval.cpus_per_task=1", "cluster.eval.mem_gb=2",
             f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_chain", f"output_root={tmp_path}"]
     res = run_cli(*args)
@@ -295,7 +295,7 @@ def test_an_evaluation_change_submits_only_evaluation_arrays_chained_after_runni
         slurm_cluster, mlflow_server, tmp_path):
     """While a sweep's pre-trainings still run, a launch with another evaluation waits for them (afterok on
     each task) instead of pre-training again; once they finished, a further change is one evaluation array."""
-    base = ["sweeps/run.py", "sweep=mcm_recon_range", *TINY, *SMALL, "cluster.eval.cpus_per_task=1",
+    base = ["sweeps/run.py", "sweep=mcm_recon_range", *TINY_SLURM, *SMALL, "cluster.eval.cpus_per_task=1",
             "cluster.eval.mem_gb=2", "pretrain.epochs=20", "pretrain.max_steps=120",  # long enough to launch again
             f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_identity",
             f"output_root={tmp_path}"]

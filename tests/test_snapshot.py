@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster import snapshot
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import REPO, TINY_SLURM, run_cli
 
 
 def _git(repo, *args):
@@ -102,7 +102,7 @@ def test_a_tree_edited_during_the_copy_fails_instead_of_a_wrong_snapshot(small_r
 
 
 def test_dry_run_script_runs_from_the_snapshot_and_writes_nothing(tmp_path):
-    res = run_cli("sweeps/run.py", *TINY, "cluster=slurm", "dry_run=true", f"output_root={tmp_path / 'o'}")
+    res = run_cli("sweeps/run.py", *TINY_SLURM, "cluster=slurm", "dry_run=true", f"output_root={tmp_path / 'o'}")
     assert res.returncode == 0, res.stderr
     snap = snapshot.plan(tmp_path / "o")
     assert f"cd {snap.path}\n" in res.stdout and f"export PYTHONPATH={snap.path}" in res.stdout
@@ -136,7 +136,7 @@ def test_a_task_runs_its_launch_code_although_the_tree_was_edited_while_it_waite
     wrap.mkdir()
     (wrap / "sbatch").write_text(f'#!/bin/sh\nexec {shutil.which("sbatch")} --hold "$@"\n')
     (wrap / "sbatch").chmod(0o755)
-    res = subprocess.run([sys.executable, str(repo / "sweeps" / "run.py"), *TINY, "cluster=slurm",
+    res = subprocess.run([sys.executable, str(repo / "sweeps" / "run.py"), *TINY_SLURM, "cluster=slurm",
                           "cluster.cpus_per_task=1", "cluster.mem_gb=2", "cluster.time_min=20",
                           "reuse=experiment", f"tracking.uri={mlflow_server}", "tracking.experiment=snapshot_e2e", f"output_root={out}"],
                          cwd=repo, capture_output=True, text=True, timeout=300,

@@ -31,7 +31,7 @@ import pytest
 from core.config import RUN_ONLY
 from tests.conftest import FAILING_POINTS, REPO, TINY, _need, run_cli
 
-SWEEP = [o for o in TINY if not o.startswith("evaluate.floor")]
+SWEEP = [o for o in TINY if not o.startswith(("evaluate.floor", "cluster.workers"))]
 # evaluate.knn.k / linear.epochs: floor keys of this module only (the server is shared by the session)
 LAYOUT = ["sweep=mcm_mask_ratio", *SWEEP, "evaluate.floor=true", "evaluate.knn.k=7", "evaluate.linear.epochs=3",
           "cluster.workers=2", "tracking.experiment=layout_mcm"]
@@ -384,7 +384,7 @@ def test_a_multirun_job_is_named_by_its_overrides(tmp_path):
 
 def test_a_failed_point_keeps_its_log_too(tmp_path):
     res = run_cli("sweeps/run.py", "sweep=mcm_recon_range", *TINY, FAILING_POINTS, "~sweep.grid",
-                  f"output_root={tmp_path}", "cluster.workers=1")
+                  f"output_root={tmp_path}")
     assert res.returncode == 1, res.stdout + res.stderr
     from core import tracking
     c = tracking.client(f"sqlite:///{tmp_path}/mlflow.db")

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from cluster import progress
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import REPO, TINY, popen, run_cli
 
 
 def test_eta_from_the_step_rate_and_the_progress_by_hand():
@@ -50,8 +50,8 @@ def test_watch_follows_a_real_sweep_until_it_ends(tmp_path):
     env = {**os.environ, "MIMSWEEP_PROGRESS": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(tmp_path / "launch.log", "w")  # a file, not a pipe nobody reads while the launch runs
-    launch = subprocess.Popen([sys.executable, "sweeps/run.py", *sweep], cwd=REPO, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, text=True)
+    launch = popen([sys.executable, "sweeps/run.py", *sweep], cwd=REPO, env=env,
+                   stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         db = tmp_path / "mlflow.db"
         deadline = time.time() + 300
@@ -114,8 +114,8 @@ def test_watch_waits_while_the_launch_runs_even_before_its_points_have_runs(tmp_
     out = open(tmp_path / "watch.out", "w")
     env = {**os.environ, "MIMSWEEP_PROGRESS": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    watch = subprocess.Popen([sys.executable, "cluster/status.py", "sweep=mcm_mask_ratio", f"output_root={tmp_path}",
-                              "--watch", "--every", "0.5"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    watch = popen([sys.executable, "cluster/status.py", "sweep=mcm_mask_ratio", f"output_root={tmp_path}",
+                   "--watch", "--every", "0.5"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and watch.poll() is None and \

@@ -16,9 +16,12 @@ What differs from a fresh interpreter, and how the suite keeps it from mattering
 - warnings printed while the libraries were imported are not printed again.
 `MIMSWEEP_TEST_ZYGOTE=0 pytest` runs every CLI run as a fresh process.
 
-Protocol (one connection per run, a Unix socket): the client sends one JSON line {argv, cwd, env} with the
-run's stdout and stderr file descriptors (SCM_RIGHTS); the server answers "pid N" once forked, then
-"exit N" (the status as subprocess reports it: negative for a signal) when the run ends.
+Protocol (one connection per run, a Unix socket): the client sends one JSON line {argv, cwd, env, and optionally
+new_session and default_sigint, as Popen's start_new_session and a preexec_fn restoring Ctrl-C} with the run's
+stdout and stderr file descriptors (SCM_RIGHTS); stdin is /dev/null. The server answers "pid N" once forked, then
+"exit N CPU" when the run ends: N the status as subprocess reports it (negative for a signal), CPU the run's
+user + system seconds, those of the processes it waited for included (what RUSAGE_CHILDREN would have counted
+in the client had it started the run itself).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import array
 import json
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -35,7 +39,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELOAD = ("torch", "torchvision", "timm", "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
-           "hydra", "hydra.core.global_hydra", "omegaconf", "pandas", "submitit", "sqlalchemy", "yaml")
+           "hydra", "hydra.core.global_hydra", "omegaconf", "pandas", "submitit", "sqlalchemy", "yaml",
+           "matplotlib.figure", "matplotlib.backends.backend_agg", "tabulate")  # a run's figures, a report's tables
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -51,6 +56,10 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
                 got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
                 fds.extend(got)
     return json.loads(data), fds
+
+
+def _pythonpath(value: str | None) -> list[str]:
+    return [os.path.abspath(p) for p in (value or "").split(os.pathsep) if p]
 
 
 def _threads() -> int:
@@ -72,19 +81,25 @@ def _run(request: dict, out: int, err: int, finish) -> None:
     exit less the module teardown, which the forked copy of the server's modules would take ~1.5 s for); an
     uncaught exception prints its traceback and ends with 1 (KeyboardInterrupt: by SIGINT), as Python does."""
     import runpy
-    import signal
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(err, 2)
     for fd in (null, out, err):
         os.close(fd)
+    if request.get("new_session"):             # Popen(start_new_session=True)
+        os.setsid()
+    if request.get("default_sigint"):          # a fresh Python's Ctrl-C, even where the server's was ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    ours = _pythonpath(os.environ.get("PYTHONPATH"))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
     script, *args = request["argv"]
     sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    # sys.path as a fresh interpreter builds it: the script's folder, then the run's PYTHONPATH (not the server's)
+    theirs = _pythonpath(request["env"].get("PYTHONPATH"))
+    sys.path[:] = [os.path.dirname(os.path.abspath(script)), *theirs, *(p for p in sys.path[1:] if p not in ours)]
     if not os.path.isfile(script):
         print(f"{sys.executable}: can't open file {os.path.abspath(script)!r}: [Errno 2] No such file or directory",
               file=sys.stderr)
@@ -151,10 +166,10 @@ def serve(path: str) -> None:
             else:
                 pid, conn = running.pop(fd)
                 os.close(fd)
-                _, status = os.waitpid(pid, 0)
+                _, status, usage = os.wait4(pid, 0)
                 code = os.waitstatus_to_exitcode(status)
                 try:
-                    conn.sendall(f"exit {code}\n".encode())
+                    conn.sendall(f"exit {code} {usage.ru_utime + usage.ru_stime:.3f}\n".encode())
                 except OSError:
                     pass
                 conn.close()
