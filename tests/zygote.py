@@ -10,8 +10,9 @@ stopped, atexit handlers, flushed output; the status of `sys.exit`, or 1 with an
 What differs from a fresh interpreter, and how the suite keeps it from mattering:
 - the third-party libraries below are already imported, under the environment the server started with.
   A run whose environment differs in a variable read at import (PYTHON*, OMP_*, MLFLOW_DISABLE_TELEMETRY,
-  ...; conftest `_FRESH_ONLY`) is run as a fresh process instead. mimsweep's own modules are not preloaded:
-  each run imports them itself;
+  ...; conftest `_FRESH_ONLY`) is run as a fresh process instead; PYTHONPATH is honoured here (the run's
+  entries go on its sys.path, the server's are taken off). mimsweep's own modules are not preloaded: each run
+  imports them itself;
 - no thread starts in the server after its imports (checked before each fork);
 - warnings printed while the libraries were imported are not printed again.
 `MIMSWEEP_TEST_ZYGOTE=0 pytest` runs every CLI run as a fresh process.
