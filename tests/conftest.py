@@ -244,7 +244,9 @@ def popen(args: list[str], *, cwd=REPO, env=None, stdout=None, stderr=None, text
 class _Forked:
     """What subprocess.Popen gives for a run the zygote forked: pid, stdout / stderr (PIPE, STDOUT, None, a
     file), poll, wait, communicate (with timeouts), send_signal / terminate / kill, returncode. stdin is
-    /dev/null. The run is the zygote's child, not ours: its status comes over the zygote's connection."""
+    /dev/null. The run is the zygote's child, not ours: its status comes over the zygote's connection, and the
+    zygote reaps it as soon as it ends (no zombie keeps its pid, as one would for a Popen not yet waited for):
+    signal it, or its process group, only while poll() is None."""
 
     def __init__(self, zygote, argv, cwd, env, stdout, stderr, text, **how):
         self.args, self.returncode, self._text = [sys.executable, *argv], None, text
