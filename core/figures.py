@@ -110,13 +110,14 @@ def attention_maps_png(imgs: torch.Tensor, maps: torch.Tensor, query_names: list
     a few tenths of a second, where a grid of (B+1) x (Q+1) axes took ~13 s for 8 images and 9 queries."""
     B, Q = maps.shape[:2]
     H, W = imgs.shape[-2:]
-    mosaic = attention_mosaic(imgs, maps)
+    gap = 2
+    mosaic = attention_mosaic(imgs, maps, gap)
     fig = _figure(1.1 * (Q + 1) + 0.8, 1.1 * (B + 1) + 0.8)
     ax = fig.add_subplot()
     ax.imshow(mosaic, interpolation="nearest")
-    ax.set_xticks([(W + 2) * c + W / 2 for c in range(Q + 1)], ["image", *query_names], fontsize=7, rotation=30,
+    ax.set_xticks([(W + gap) * c + W / 2 for c in range(Q + 1)], ["image", *query_names], fontsize=7, rotation=30,
                   ha="left")
-    ax.set_yticks([(H + 2) * r + H / 2 for r in range(B + 1)], [*(str(b + 1) for b in range(B)), f"mean of\n{B}"],
+    ax.set_yticks([(H + gap) * r + H / 2 for r in range(B + 1)], [*(str(b + 1) for b in range(B)), f"mean of\n{B}"],
                   fontsize=7)
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
