@@ -26,17 +26,33 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: twice the CPUs, at most 4: most tests wait on subprocesses, servers and the SLURM queue,
-    so two workers per core overlap those waits; more only adds memory and contention."""
-    return max(2, min(4, 2 * len(os.sched_getaffinity(0))))
+    """`-n auto`: one worker per CPU and one more, at most 4: the suite is CPU-bound (~2 % idle on 2 cores), the
+    extra worker fills the waits on subprocesses, servers and the SLURM queue; each worker more adds its imports,
+    its zygote and contention (on 2 cores, 3 workers: 895 s, 4: 934-952 s, 6: slower still)."""
+    return max(2, min(4, len(os.sched_getaffinity(0)) + 1))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    """Tests that submit to the SLURM cluster run one after another on one worker: they share the one
-    node and some read the whole queue (a dry run submits nothing; a cancel clears the sweep's jobs)."""
+    """Groups of tests that run one after another on one worker (pytest-xdist's `--dist loadgroup`):
+    - the tests that submit to the SLURM cluster: they share the one node and some read the whole queue (a dry
+      run submits nothing; a cancel clears the sweep's jobs);
+    - the tests of a module that share one of its module-scoped fixtures (a finished sweep, a reference run):
+      on one worker the fixture runs once, where spread over the workers it ran once on each."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif item.get_closest_marker("xdist_group") is None and _module_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def _module_fixtures(item) -> list[str]:
+    """The module-scoped fixtures that `item` uses and its own module defines."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None or getattr(item, "module", None) is None:
+        return []
+    return [name for name, defs in info.name2fixturedefs.items()
+            if defs and defs[-1].scope == "module" and getattr(defs[-1].func, "__module__", None) == item.module.__name__]
 
 
 @pytest.hookimpl(hookwrapper=True)
