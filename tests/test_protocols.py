@@ -90,9 +90,10 @@ def test_lars_probe_learns(compose, splits):
 
 def test_finetune_learns_and_beats_its_floor(compose, splits):
     from core.evaluation.evaluate import evaluate
-    # the full recipe (Mixup + CutMix + RandAugment + label smoothing + drop path), 2 epochs of 1,000 images;
-    # [CLS] head: the packaged encoder was trained through its [CLS] token
-    cfg = compose(*FAST, "data.train_limit=1000", "evaluate.protocols=[finetune]", "evaluate.finetune.epochs=2",
+    # the full recipe (Mixup + CutMix + RandAugment + label smoothing + drop path), 2 epochs of 500 images
+    # (ours 53.0, floor 14.4; with 1,000: 51.0 and 15.8 at twice the CPU); [CLS] head: the packaged encoder was
+    # trained through its [CLS] token
+    cfg = compose(*FAST, "data.train_limit=500", "evaluate.protocols=[finetune]", "evaluate.finetune.epochs=2",
                   "evaluate.finetune.batch_size=32", "evaluate.finetune.warmup_epochs=0.2", "evaluate.finetune.pool=cls",
                   "evaluate.finetune.mixup=0.8", "evaluate.finetune.cutmix=1.0", "evaluate.finetune.base_lr=1e-3",
                   "evaluate.finetune.rand_augment=rand-m9-mstd0.5-inc1")
