@@ -36,8 +36,6 @@ SWEEP = [o for o in TINY if not o.startswith(("evaluate.floor", "cluster.workers
 LAYOUT = ["sweep=mcm_mask_ratio", *SWEEP, "evaluate.floor=true", "evaluate.knn.k=7", "evaluate.linear.epochs=3",
           "cluster.workers=2", "tracking.experiment=layout_mcm"]
 TITLE, PAPER = "MCM Tab. 2: channel mask ratio", "Chen et al., MCM, Entropy 2025, Table 2"
-# the tests of one sweep (the `layout` fixture) run on one pytest-xdist worker: one sweep, not one per worker
-ONE_SWEEP = pytest.mark.xdist_group("tracking_layout")
 
 
 # ------------------------------------------------------------------------------------------------ REST
@@ -90,7 +88,6 @@ def layout(mlflow_server, tmp_path_factory):
             "points": [r for r in runs if kind(r) == "point"], "launch": next(r for r in runs if kind(r) == "launch")}
 
 
-@ONE_SWEEP
 def test_the_experiment_has_a_kind_and_says_what_it_is(layout):
     tags = layout["exp"]["tags"]
     assert tags["mlflow.experimentKind"] == "custom_model_development"   # not a GenAI experiment
@@ -103,7 +100,6 @@ def test_the_experiment_has_a_kind_and_says_what_it_is(layout):
         in layout["launched"].stdout, layout["launched"].stdout
 
 
-@ONE_SWEEP
 def test_points_are_named_for_their_point_and_log_no_operational_params(layout):
     points = layout["points"]
     assert sorted(r["info"]["run_name"] for r in points) == [
@@ -119,7 +115,6 @@ def test_points_are_named_for_their_point_and_log_no_operational_params(layout):
         assert r["data"]["tags"]["mlflow.parentRunId"] == layout["launch"]["info"]["run_id"]
 
 
-@ONE_SWEEP
 def test_a_point_starts_when_its_job_starts_and_its_wait_is_queue_s(layout):
     launch_start = int(layout["launch"]["info"]["start_time"])
     spans = []
@@ -136,7 +131,6 @@ def test_a_point_starts_when_its_job_starts_and_its_wait_is_queue_s(layout):
         (e - s) / 1000 for s, e in spans) / 2   # the later points waited for the first ones
 
 
-@ONE_SWEEP
 def test_each_point_keeps_its_log_and_its_dataset_inputs(layout):
     digests = set()
     for r in layout["points"]:
@@ -154,7 +148,6 @@ def test_each_point_keeps_its_log_and_its_dataset_inputs(layout):
     assert len(digests) == 1                             # the same data, the same digest
 
 
-@ONE_SWEEP
 def test_floors_are_runs_of_their_own_experiment_one_per_key(layout):
     uri = layout["uri"]
     assert not [r for r in layout["points"] if kind(r) == "floor"]
@@ -178,7 +171,6 @@ def test_floors_are_runs_of_their_own_experiment_one_per_key(layout):
                 ["experiments"] if e["name"].startswith("mimsweep-claims/")]   # every claim released
 
 
-@ONE_SWEEP
 def test_the_report_is_attached_to_the_launch_run(layout):
     files = artifacts(layout["uri"], layout["launch"]["info"]["run_id"], "report")
     assert sorted(Path(f).name for f in files) == sorted(
@@ -214,7 +206,6 @@ def _shot(page, tmp_path: Path, name: str) -> None:
         shutil.copy(tmp_path / name, folder / name)
 
 
-@ONE_SWEEP
 @pytest.mark.browser
 def test_the_ui_opens_the_experiment_on_its_runs_and_compares_the_points(layout, chromium, tmp_path):
     page = chromium.new_page(viewport={"width": 1500, "height": 900})
