@@ -14,6 +14,9 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# pytest imports this file as `conftest`, the tests as `tests.conftest`: one module, not two copies (the zygote,
+# the CPU its runs took for MIMSWEEP_TEST_TIMES and the other module state must be the same object for both)
+sys.modules.setdefault("tests.conftest" if __name__ == "conftest" else "conftest", sys.modules[__name__])
 os.environ.setdefault("MIMSWEEP_PROGRESS", "0")
 # mimsweep's cache (timings, the empty-store template) is the session's own: shared by its workers, never the
 # user's ~/.cache/mimsweep, where timings taken under the suite's load would be the estimates of later launches
@@ -221,11 +224,11 @@ class _Zygote:
             with conn:
                 conn.settimeout(timeout)
                 try:
-                    code = _ended(_reply(conn))
+                    code = _ended(_reply(conn), argv)
                 except TimeoutError:
                     os.kill(pid, signal.SIGKILL)
                     conn.settimeout(None)
-                    _ended(_reply(conn))
+                    _ended(_reply(conn), argv)
                     out.seek(0), err.seek(0)
                     raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read(), err.read())
             out.seek(0), err.seek(0)
@@ -233,10 +236,17 @@ class _Zygote:
                                                out.read().decode(errors="replace"), err.read().decode(errors="replace"))
 
 
-def _ended(line: str) -> int:
-    """A run's exit code from the zygote's last line ("exit CODE CPU"); its CPU counts for MIMSWEEP_TEST_TIMES."""
+def _ended(line: str, argv: list[str]) -> int:
+    """A run's exit code from the zygote's last line ("exit CODE CPU"); its CPU counts for MIMSWEEP_TEST_TIMES,
+    which also gets a line of its own for the run: {"run": argv, "cpu": seconds, "test": the test's id}."""
     _, code, cpu = line.split()
     _ZYGOTE_CPU[0] += float(cpu)
+    path = os.environ.get("MIMSWEEP_TEST_TIMES")
+    if path:
+        import json
+        with open(path, "a") as f:
+            f.write(json.dumps({"run": argv, "cpu": float(cpu), "code": int(code),
+                                "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]}) + "\n")
     return int(code)
 
 
@@ -297,7 +307,7 @@ class _Forked:
         if self.returncode is None:
             if not select.select([self._conn], [], [], timeout)[0]:
                 raise subprocess.TimeoutExpired(self.args, timeout)
-            self.returncode = _ended(_reply(self._conn))  # the line comes whole once it has begun
+            self.returncode = _ended(_reply(self._conn), self.args[1:])  # the line comes whole once it has begun
             self._conn.close()
         return self.returncode
 
