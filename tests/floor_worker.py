@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mlflow.store.tracking.sqlalchemy_store  # noqa: E402,F401 - before the fork: each point needs them, and
+import timm  # noqa: E402,F401 - imported in each of n points they were ~3.5 CPU-seconds a point
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, popen
 
 
 def _run_two_ranks(tmp_path, *overrides, env=None, timeout=600):
@@ -23,9 +23,8 @@ def _run_two_ranks(tmp_path, *overrides, env=None, timeout=600):
         full = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                 "MIMSWEEP_PROGRESS": "0", **(env or {})}
-        procs.append(subprocess.Popen([sys.executable, "tests/ddp_worker.py", uri, run_id, str(tmp_path / "work"),
-                                       str(tmp_path), *overrides], cwd=REPO, env=full, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(popen([sys.executable, "tests/ddp_worker.py", uri, run_id, str(tmp_path / "work"), str(tmp_path),
+                            *overrides], cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:

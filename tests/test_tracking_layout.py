@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from core.config import RUN_ONLY
-from tests.conftest import FAILING_POINTS, REPO, TINY, _need, run_cli
+from tests.conftest import FAILING_POINTS, REPO, TINY, _need, popen, run_cli
 
 SWEEP = [o for o in TINY if not o.startswith(("evaluate.floor", "cluster.workers"))]
 # evaluate.knn.k / linear.epochs: floor keys of this module only (the server is shared by the session)
@@ -254,10 +254,10 @@ def _floor_points(uri: str, n: int, tmp_path: Path, extra: list[str], env: dict 
     """n points reaching their floor (forked by tests/floor_worker.py, each a process); released together once
     all wait. `_outputs` reads what each printed."""
     gate = tmp_path / "go"
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests/floor_worker.py"), uri, "floor_race", str(gate),
-                             str(tmp_path), str(n), *extra], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "MIMSWEEP_PROGRESS": "0", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = popen([sys.executable, str(REPO / "tests/floor_worker.py"), uri, "floor_race", str(gate), str(tmp_path),
+                  str(n), *extra], cwd=REPO,
+                 env={**os.environ, "OMP_NUM_THREADS": "1", "MIMSWEEP_PROGRESS": "0", **(env or {})},
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while go and time.time() < deadline and not all((tmp_path / f"out{i}.json.ready").exists() for i in range(n)):
         assert proc.poll() is None, proc.communicate()[0] + "\n".join(_outputs(tmp_path, n))
