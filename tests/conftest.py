@@ -383,6 +383,13 @@ TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=
         "estimate=false", "cluster.workers=1"]
 # TINY for cluster=slurm, which has no cluster.workers (each point is a task of the array)
 TINY_SLURM = [o for o in TINY if not o.startswith("cluster.")]
+# The environment of a launch a test stops, kills, interrupts or launches again while its points train: each step
+# also sleeps (core/faults.py pace), so a point stays in the middle of its training for a known wall time, however
+# fast or loaded the machine, without spending CPU (a step of TINY takes ~40 ms: points of 100 steps had ended
+# before a loaded machine's test caught them). A SLURM task gets it too (sbatch --export=ALL). Not in the config:
+# a relaunch without it runs the same points (the same signatures) at full speed.
+def paced(seconds: float = 0.3) -> dict:
+    return {"MIMSWEEP_PACE": f"train.step={seconds}"}
 
 
 def _need(tool_ok: bool, what: str, how: str):

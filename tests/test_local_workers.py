@@ -16,13 +16,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bench.reliability import default_sigint
-from tests.conftest import REPO, TINY, popen, run_cli
+from tests.conftest import REPO, TINY, paced, popen, run_cli
 
 BASE = [o for o in TINY if not o.startswith("cluster.workers")]  # each test says how many workers (or auto)
 SWEEP = ["sweep=mcm_mask_ratio", *BASE]
-# long enough to be caught in the middle: ~100 steps of the tiny model per point; pixel targets (MCM's default
-# target runs the EfficientNet teacher at every step: half of a tiny model's step)
-LONG = [*SWEEP, "pretrain.epochs=20", "pretrain.max_steps=100", "pretrain.checkpoint_every=10",
+# A launch the tests stop or kill (`_start`, paced: 0.3 s a step, 12 s or more a point); pixel targets (MCM's
+# default target runs the EfficientNet teacher at every step: half of a tiny model's step)
+LONG = [*SWEEP, "pretrain.epochs=20", "pretrain.max_steps=40", "pretrain.checkpoint_every=4",
         "method.target=norm_pixel"]
 
 
@@ -62,7 +62,7 @@ def _alive(pid: int) -> bool:
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "MIMSWEEP_PROGRESS": "0", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MIMSWEEP_PROGRESS": "0", "PYTHONPATH": str(REPO), **paced()}
     env.pop("MLFLOW_TRACKING_URI", None)
     return popen([sys.executable, "sweeps/run.py", *LONG, f"output_root={out}", *extra], cwd=REPO, env=env,
                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

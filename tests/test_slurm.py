@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import FAILING_POINTS, TINY, TINY_SLURM, queued_jobs, replacing, run_cli
+from tests.conftest import FAILING_POINTS, TINY, TINY_SLURM, paced, queued_jobs, replacing, run_cli
 
 pytestmark = pytest.mark.slurm
 # 2 cores here: one CPU and a little memory per task lets two tasks run side by side.
@@ -113,15 +113,15 @@ def _wait_progress(uri, exp, at_least, timeout=300):
 
 @pytest.mark.parametrize("interrupt", ["usr2", "scontrol_requeue"])
 def test_interrupted_job_resumes_with_identical_metrics(slurm_cluster, mlflow_server, tmp_path, interrupt):
-    # 80 steps, interrupted after the first checkpoints: a job that has already ended when the interrupt
-    # arrives would be rerun as a finished point (no restart to check), which a loaded machine made happen.
-    common = ["sweeps/run.py", *TINY_SLURM, *SMALL, "pretrain.epochs=10", "pretrain.max_steps=80", "pretrain.log_every=2",
+    # interrupted after the first checkpoints, the job paced (12 s or more of training): a job that has already
+    # ended when the interrupt arrives would be rerun as a finished point (no restart to check)
+    common = ["sweeps/run.py", *TINY_SLURM, *SMALL, "pretrain.epochs=10", "pretrain.max_steps=40", "pretrain.log_every=2",
               "pretrain.checkpoint_every=4", "method.target=norm_pixel", f"output_root={tmp_path}"]
     # The reference in a store of its own: in the same store the second launch would reuse its pre-training
     # (core/tracking/identity.py) instead of training the point it is to interrupt.
     ref_uri = f"sqlite:///{tmp_path}/ref.db"
     ref = run_cli(*common, f"tracking.uri={ref_uri}", f"tracking.experiment=ref_{interrupt}")
-    hit = run_cli(*common, f"tracking.uri={mlflow_server}", f"tracking.experiment=hit_{interrupt}")
+    hit = run_cli(*common, f"tracking.uri={mlflow_server}", f"tracking.experiment=hit_{interrupt}", env=paced())
     assert ref.returncode == 0 and hit.returncode == 0, ref.stderr + hit.stderr
     job = _queued_ids(hit.stdout)[0] + "_0"
     run = _wait_progress(mlflow_server, f"hit_{interrupt}", 0.1)
@@ -211,7 +211,7 @@ def test_status_tail_and_cancel(slurm_cluster, mlflow_server, tmp_path):
     args = ["sweep=mcm_masking_strategy", *TINY_SLURM, *SMALL, "pretrain.epochs=50", "pretrain.max_steps=400",
             "pretrain.checkpoint_every=2", "pretrain.log_every=2", f"tracking.uri={mlflow_server}",
             "tracking.experiment=slurm_status", f"output_root={tmp_path}"]
-    launched = run_cli("sweeps/run.py", *args)
+    launched = run_cli("sweeps/run.py", *args, env=paced())       # the tasks run until they are cancelled
     assert launched.returncode == 0, launched.stderr
     job = _queued_ids(launched.stdout)[0]
     # the launch's hint works as printed: it carries the overrides that select the same grid
@@ -296,10 +296,10 @@ def test_an_evaluation_change_submits_only_evaluation_arrays_chained_after_runni
     """While a sweep's pre-trainings still run, a launch with another evaluation waits for them (afterok on
     each task) instead of pre-training again; once they finished, a further change is one evaluation array."""
     base = ["sweeps/run.py", "sweep=mcm_recon_range", *TINY_SLURM, *SMALL, "cluster.eval.cpus_per_task=1",
-            "cluster.eval.mem_gb=2", "pretrain.epochs=20", "pretrain.max_steps=120",  # long enough to launch again
+            "cluster.eval.mem_gb=2", "pretrain.epochs=20", "pretrain.max_steps=24",
             f"tracking.uri={mlflow_server}", "tracking.experiment=slurm_identity",
             f"output_root={tmp_path}"]
-    first = run_cli(*base)
+    first = run_cli(*base, env=paced(0.5))     # 12 s or more of pre-training: still running at the next launch
     assert first.returncode == 0, first.stdout + first.stderr
     (array,) = _queued_ids(first.stdout)
     chained = run_cli(*base, "evaluate.linear.epochs=3")           # the pre-training tasks are still queued/running

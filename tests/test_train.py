@@ -228,6 +228,27 @@ def test_a_bad_loss_between_checks_stops_the_run_before_a_checkpoint_holds_it(co
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_a_paced_training_sleeps_at_each_step_and_trains_the_same(compose, tmp_path, monkeypatch):
+    """MIMSWEEP_PACE=train.step=S (core/faults.py; the stop tests of tests/test_local_workers.py): each step also
+    sleeps S seconds, and the weights are the unpaced run's, bit for bit; a pace of another point does nothing."""
+    from core.training.data import load_split
+    from core.training.loop import pretrain
+    from tests.test_resume import FlushedLog
+    cfg = compose(*TINY, "method=mcm", "method.target=norm_pixel", "pretrain.max_steps=4")
+    split = load_split(cfg.data, "train")
+    runs = {}
+    for name, pace in (("plain", None), ("other", "checkpoint.renamed=5"), ("paced", "train.step=0.25")):
+        if pace:
+            monkeypatch.setenv("MIMSWEEP_PACE", pace)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        stats = pretrain(cfg, model, None, split, tmp_path / f"{name}.pt", FlushedLog(), torch.device("cpu"))
+        runs[name] = stats["wall_s"], model.state_dict()
+    assert runs["paced"][0] >= 4 * 0.25 and runs["other"][0] < 4 * 0.25 + runs["plain"][0], runs
+    for name in ("other", "paced"):
+        assert all(torch.equal(runs[name][1][k], v) for k, v in runs["plain"][1].items()), name
+
+
 def test_adamw_is_multi_tensor_on_cpu_and_updates_as_the_loop_does(compose):
     cfg = compose(*TINY, "method=mcm", "method.target=norm_pixel")
     model = build_model(cfg)

@@ -275,6 +275,7 @@ def pretrain(cfg, model: nn.Module, teacher, train_split, ckpt_path: Path, log, 
         loss, finite = train_step(model, net, opt, scaler, imgs, mean, std, teacher, amp_dtype, p.grad_clip,
                                   world_size)
         step += 1
+        faults.pace("train.step")
         bad_step.copy_(torch.where((bad_step == 0) & ~finite, step, bad_step))
         n_window += imgs.shape[0] * world_size
         n_total += imgs.shape[0] * world_size
