@@ -249,12 +249,15 @@ def test_separate_evaluation_runs_after_its_own_pretraining_and_never_waits_on_a
     assert runs["all"].info.status == "FINISHED" and "knn_top1" in runs["all"].data.metrics
     assert runs["all"].data.tags["mimsweep.slurm_job_evaluate"].startswith(ev + "_")
     assert runs["masked"].info.status == "FAILED"
-    deadline = time.time() + 60   # the evaluation of the failed point is cancelled, not left pending
-    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", ev], capture_output=True,
-                                                    text=True).stdout.strip():
+    # the evaluation of the failed point is cancelled, not left pending; the accounting (slurmdbd) learns that a
+    # task ended a moment after the queue forgets it (once: squeue empty, sacct still RUNNING), so ask it again
+    deadline = time.time() + 60
+    while True:
+        states = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ev], capture_output=True,
+                                text=True).stdout
+        if ("CANCELLED" in states and "COMPLETED" in states) or time.time() > deadline:
+            break
         time.sleep(1)
-    states = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ev], capture_output=True,
-                            text=True).stdout
     assert "CANCELLED" in states and "COMPLETED" in states, states
 
 
