@@ -72,19 +72,23 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module")
+def zygote():
+    """One zygote for this module's tests of it (each starts with imports of ~5 CPU-seconds)."""
+    z = _Zygote()
+    yield z
+    z.close()
+
+
 @pytest.mark.parametrize("what,code", [("ok", 0), ("exit", 7), ("raise", 1), ("interrupt", -2)])
-def test_a_script_forked_from_the_zygote_sees_and_ends_as_in_a_fresh_python(tmp_path, what, code):
+def test_a_script_forked_from_the_zygote_sees_and_ends_as_in_a_fresh_python(tmp_path, what, code, zygote):
     (tmp_path / "sub").mkdir()
     script = tmp_path / "sub" / "probe.py"
     script.write_text(PROBE)
     env = {**os.environ, "PROBE": "x y", "PARENT_PID": str(os.getpid())}
     fresh = subprocess.run([sys.executable, str(script), what, "a b"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=60)
-    zygote = _Zygote()
-    try:
-        forked = zygote.run([str(script), what, "a b"], cwd=tmp_path, env=env, timeout=60)
-    finally:
-        zygote.close()
+    forked = zygote.run([str(script), what, "a b"], cwd=tmp_path, env=env, timeout=60)
     assert fresh.returncode == forked.returncode == code
     assert json.loads(forked.stdout) == json.loads(fresh.stdout) == {
         "argv": [str(script), what, "a b"], "cwd": str(tmp_path), "path0": str(tmp_path / "sub"), "name": "__main__",
@@ -95,20 +99,16 @@ def test_a_script_forked_from_the_zygote_sees_and_ends_as_in_a_fresh_python(tmp_
         assert "Traceback (most recent call last):" in forked.stderr
 
 
-def test_a_run_past_its_timeout_is_killed(tmp_path):
+def test_a_run_past_its_timeout_is_killed(tmp_path, zygote):
     script = tmp_path / "slow.py"
     script.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
-    zygote = _Zygote()
-    try:
-        with pytest.raises(subprocess.TimeoutExpired) as e:
-            zygote.run([str(script)], cwd=tmp_path, env={}, timeout=2)
-        assert e.value.output == b"started\n"
-        missing = [str(tmp_path / "missing.py")]
-        fresh = subprocess.run([sys.executable, *missing], capture_output=True, text=True, timeout=60)
-        forked = zygote.run(missing, cwd=tmp_path, env={}, timeout=30)
-        assert (forked.returncode, forked.stderr) == (fresh.returncode, fresh.stderr) == (2, fresh.stderr)
-    finally:
-        zygote.close()
+    with pytest.raises(subprocess.TimeoutExpired) as e:
+        zygote.run([str(script)], cwd=tmp_path, env={}, timeout=2)
+    assert e.value.output == b"started\n"
+    missing = [str(tmp_path / "missing.py")]
+    fresh = subprocess.run([sys.executable, *missing], capture_output=True, text=True, timeout=60)
+    forked = zygote.run(missing, cwd=tmp_path, env={}, timeout=30)
+    assert (forked.returncode, forked.stderr) == (fresh.returncode, fresh.stderr) == (2, fresh.stderr)
 
 
 def test_run_cli_takes_a_fresh_python_where_an_import_time_variable_differs(monkeypatch):
