@@ -3,14 +3,12 @@ sweeps and experiments of one store, an evaluation change that pre-trains nothin
 the change (only the old `mimsweep.signature` tag) that keep being skipped or resumed."""
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import TINY, run_cli
 
 
 def _points(uri, exp_name):
@@ -60,8 +58,7 @@ def test_pretrain_signature_hashes_only_what_changes_pretraining(compose):
 def test_count_pretrainings_of_the_mcm_sweeps():
     """The 8 MCM sweeps planned (not run) by bench/count_pretrainings.py: the default point is one
     pre-training under the new identity, shared by every sweep that holds it."""
-    res = subprocess.run([sys.executable, "bench/count_pretrainings.py", "--json"], cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
+    res = run_cli("bench/count_pretrainings.py", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert len(out["sweeps"]) == 8 and all(s.startswith("mcm_") for s in out["sweeps"])
