@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -136,11 +135,10 @@ def test_a_task_runs_its_launch_code_although_the_tree_was_edited_while_it_waite
     wrap.mkdir()
     (wrap / "sbatch").write_text(f'#!/bin/sh\nexec {shutil.which("sbatch")} --hold "$@"\n')
     (wrap / "sbatch").chmod(0o755)
-    res = subprocess.run([sys.executable, str(repo / "sweeps" / "run.py"), *TINY_SLURM, "cluster=slurm",
-                          "cluster.cpus_per_task=1", "cluster.mem_gb=2", "cluster.time_min=20",
-                          "reuse=experiment", f"tracking.uri={mlflow_server}", "tracking.experiment=snapshot_e2e", f"output_root={out}"],
-                         cwd=repo, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "MIMSWEEP_PROGRESS": "0", "PATH": f"{wrap}:{os.environ['PATH']}"})
+    res = run_cli(str(repo / "sweeps" / "run.py"), *TINY_SLURM, "cluster=slurm", "cluster.cpus_per_task=1",
+                  "cluster.mem_gb=2", "cluster.time_min=20", "reuse=experiment", f"tracking.uri={mlflow_server}",
+                  "tracking.experiment=snapshot_e2e", f"output_root={out}", cwd=repo, timeout=300,
+                  env={"PATH": f"{wrap}:{os.environ['PATH']}"})
     assert res.returncode == 0, res.stdout + res.stderr
     job = res.stdout.split("array job(s): ")[1].split()[0]
     try:
