@@ -131,6 +131,8 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
         print(f"{len(given_up)} point(s) failed cluster.max_attempts times and are not run again; see why with "
               "`python cluster/status.py` (same overrides), fix it, then relaunch with retry_failed=true.")
     if not todo:
+        if exp_id:  # a launch killed after its last point ended, before it closed its own run: close that now
+            tracking.close_orphaned_launches(c, exp_id)
         print("nothing to do: every point has a finished, queued or running run" + (" or gave up." if given_up else "."))
         return 1 if given_up else 0
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from cluster.backend import Backend
 from cluster.estimate import WORKER_IMPORTS
+from core import faults
 from core.config import cpu_count
 from core.job import run_point
 from core.tracking import TrackingUnavailable
@@ -442,6 +443,7 @@ class Local(Backend):
         print_summary(rows, skipped, report, wall, getattr(self, "estimate_s", None))
         if failed:  # a point may have failed because the store is down: wait for it as long as a job does
             c = c.within(float(self.cfg.tracking.get("outage_wait_s", 0) or 0))
+        faults.point("launch.points_done")  # tests/test_reliability.py: killed before it closes its own run
         try:
             c.set_tag(parent, tracking.TAG + "summary",
                       json.dumps({"ran": len(todo), "failed": failed, "skipped": skipped}))

@@ -69,6 +69,25 @@ def test_kill_between_checkpoint_rename_and_metric_flush_loses_nothing(tmp_path,
     _assert_exactly_once(out, reference)
 
 
+def test_a_launch_killed_after_its_points_ended_is_closed_by_the_next_launch(tmp_path):
+    """SIGKILL after the last point finished, before the launch closed its own run (a kill at a random moment
+    landed there once): the relaunch has nothing to do, and still marks that launch run FAILED with the reason."""
+    out = tmp_path / "out"
+    p = launch(out, "pretrain.max_steps=10", env=_env(MIMSWEEP_FAULT="launch.points_done"))
+    text = p.communicate(timeout=600)[0]
+    assert p.returncode == -signal.SIGKILL, text
+    c, run = point_run(f"sqlite:///{out / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"
+    kinds = lambda: {r.info.run_id: (r.data.tags["mimsweep.kind"], r.info.status)  # noqa: E731
+                     for r in c.search_runs([run.info.experiment_id])}
+    (killed,) = [rid for rid, (kind, status) in kinds().items() if kind == "launch" and status == "RUNNING"]
+    again = finish(out, "pretrain.max_steps=10")
+    assert "nothing to do" in again, again
+    assert [status for _, status in kinds().values() if status in ("RUNNING", "SCHEDULED")] == []
+    closed = c.get_run(killed)
+    assert closed.info.status == "FAILED" and "ended without closing it" in closed.data.tags["mimsweep.failure"]
+
+
 @pytest.mark.parametrize("trial", range(3))
 def test_kill_9_at_a_random_moment(tmp_path, reference, trial):
     out = tmp_path / "out"
