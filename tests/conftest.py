@@ -379,8 +379,9 @@ def replacing(base: list[str], *overrides: str) -> list[str]:
 # Points one after another in the launch's process (cluster.workers=1): parallel workers start a fork server
 # that imports torch, timm and MLflow again (~3 CPU-seconds a launch, more than points of a few steps take);
 # the tests of parallel workers ask for them (cluster.workers=2).
-TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "evaluate.floor=false",
-        "estimate=false", "cluster.workers=1"]
+# Batches of 32, not the smoke preset's 64: training and the teacher are a third to a half of a TINY launch's CPU.
+TINY = ["preset=smoke", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "pretrain.batch_size=32",
+        "evaluate.floor=false", "estimate=false", "cluster.workers=1"]
 # TINY for cluster=slurm, which has no cluster.workers (each point is a task of the array)
 TINY_SLURM = [o for o in TINY if not o.startswith("cluster.")]
 # The environment of a launch a test stops, kills, interrupts or launches again while its points train: each step

@@ -103,7 +103,7 @@ def test_report_rebuilds_the_table_from_mlflow(swept):
     table = table.set_index(table.columns[0])
     assert list(table.index[table["ours"]]) == ["60%", "75%", "80%", "90%"]
     for label, knn in tracked.items():
-        assert table.loc[label, "knn_top1"] == pytest.approx(knn, abs=0.005)  # as displayed: 2 decimals
+        assert table.loc[label, "knn_top1"] == pytest.approx(knn, abs=0.0051)  # as displayed: 2 decimals (34.375: 34.38)
 
 
 def test_every_point_leaves_a_timm_loadable_encoder_and_its_figures(swept, tmp_path):

@@ -119,7 +119,7 @@ def test_changing_the_evaluation_pretrains_nothing(finished):
     table = table.set_index(table.columns[0])
     for r in new:
         assert table.loc[r.data.tags["mimsweep.label"], "linear_top1"] == pytest.approx(
-            r.data.metrics["linear_top1"], abs=0.005)          # the CSV holds the values as displayed: 2 decimals
+            r.data.metrics["linear_top1"], abs=0.0051)  # the CSV: as displayed, 2 decimals (34.375: 34.38)
 
     again = run_cli(*args, "evaluate.linear.epochs=3")                      # and now: nothing to do
     assert again.returncode == 0 and "nothing to do" in again.stdout

@@ -229,8 +229,9 @@ def test_external_runs_a_real_command_and_logs_its_metrics(compose, tmp_path):
 def _point(compose, c, exp_id, tmp_path, *overrides):
     from core import tracking
     from core.config import signature
-    cfg = compose(*TINY, "evaluate.floor=true", "pretrain.max_steps=2", "data.train_limit=256",
-                  "data.test_limit=128", "evaluate.linear.epochs=2", *overrides)
+    # two steps of 64 images (TINY's 32 left two mask ratios with the same metrics on these 128 test images)
+    cfg = compose(*TINY, "evaluate.floor=true", "pretrain.max_steps=2", "pretrain.batch_size=64",
+                  "data.train_limit=256", "data.test_limit=128", "evaluate.linear.epochs=2", *overrides)
     validate(cfg)
     rid = tracking.create_point_run(c, exp_id, None, "t", str(overrides), list(overrides), signature(cfg), cfg)
     return cfg, rid
