@@ -130,9 +130,9 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     if given_up:
         print(f"{len(given_up)} point(s) failed cluster.max_attempts times and are not run again; see why with "
               "`python cluster/status.py` (same overrides), fix it, then relaunch with retry_failed=true.")
+    if exp_id:  # launch runs a killed launch left open (also one killed after its last point ended)
+        tracking.close_orphaned_launches(c, exp_id)
     if not todo:
-        if exp_id:  # a launch killed after its last point ended, before it closed its own run: close that now
-            tracking.close_orphaned_launches(c, exp_id)
         print("nothing to do: every point has a finished, queued or running run" + (" or gave up." if given_up else "."))
         return 1 if given_up else 0
 
@@ -141,7 +141,6 @@ def launch(cfg: DictConfig, task_overrides: list[str]) -> int:
     command = " ".join(["python sweeps/run.py", *(shlex.quote(tracking.redact_text(o, raw_uri))
                                                   for o in task_overrides if not o.startswith("hydra"))])
     tracking.describe_experiment(c, exp_id, experiment_note(cfg, name, command))
-    tracking.close_orphaned_launches(c, exp_id)
     parent, handed_over = None, set()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # SIGTERM ends runs as Ctrl-C does
